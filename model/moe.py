@@ -1,0 +1,94 @@
+"""MoE FFN: router + dispatcher + grouped experts.
+
+The experts are ONE module with stacked weights (w1 [E, D, F], w2 [E, F, D]) run as one batched
+matmul over [E, X, D]; there is no Python loop over experts. The dispatcher is the seam for
+expert parallelism: `LocalDispatcher` gathers each expert's slot tokens, runs the experts and
+scatter-adds gate * output back; `parallel/` replaces `MoEFeedForward.dispatcher` with one that moves
+the [E, X, D] slot tensor between expert-parallel ranks by all-to-all. Model code stays unaware of
+process groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .routing import Router, RoutingPlan
+
+
+class GroupedExperts(nn.Module):
+    """E GeLU FFN experts with stacked weights; forward maps [E, X, D] -> [E, X, D] by batched matmul.
+
+    Each expert has exactly the parameters of the dense FFN: D*F + F*D (+ F + D with biases).
+    Under expert parallelism the leading dim holds the E_local experts of this rank.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # [E, D, F]
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # [E, F, D]
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None  # [E, F]
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None  # [E, D]
+
+    def forward(self, x_EXD: torch.Tensor) -> torch.Tensor:
+        if self.b1 is None:
+            h_EXF = torch.bmm(x_EXD, self.w1)
+        else:
+            h_EXF = torch.baddbmm(self.b1.unsqueeze(1), x_EXD, self.w1)
+        h_EXF = F.gelu(h_EXF, approximate="tanh")
+        if self.b2 is None:
+            return torch.bmm(h_EXF, self.w2)  # [E, X, D]
+        return torch.baddbmm(self.b2.unsqueeze(1), h_EXF, self.w2)
+
+    def init_weights(self) -> None:
+        # Per expert the same distribution as the dense FFN's xavier-uniform Linear layers.
+        bound = math.sqrt(6.0 / (self.dim + self.hidden))
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -bound, bound)
+        for b in (self.b1, self.b2):
+            if b is not None:
+                nn.init.zeros_(b)
+
+
+class LocalDispatcher:
+    """Single-process dispatch: gather -> experts -> weighted scatter-add.
+
+    Subclasses (expert parallelism) override `dispatch` / `combine` and receive the same plan.
+    """
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Tokens of every expert slot: [E, X, D]."""
+        return x_TD[plan.idx_EX]
+
+    def combine(self, y_EXD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """sum over the slots of each token of gate * expert output: [T, D]."""
+        E, X, D = y_EXD.shape
+        weighted = (y_EXD * plan.gate_EX.to(y_EXD.dtype).unsqueeze(-1)).reshape(E * X, D)
+        return y_EXD.new_zeros(plan.num_tokens, D).index_add_(0, plan.idx_EX.reshape(-1), weighted)
+
+    def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> torch.Tensor:
+        return self.combine(experts(self.dispatch(x_TD, plan)), plan)
+
+
+class MoEFeedForward(nn.Module):
+    """MoE replacement of the dense FFN. forward(h, router_in) with h the (normalised, modulated)
+    FFN input and router_in the router input x' (Eq. 4), both [B, S, D] -> (out [B, S, D], plan)."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, bias: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, hidden, bias)
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, h_BSD: torch.Tensor, router_in_BSD: torch.Tensor, collect_stats: bool = True
+                ) -> tuple[torch.Tensor, RoutingPlan]:
+        B, S, D = h_BSD.shape
+        plan = self.router(router_in_BSD, collect_stats=collect_stats)
+        out_TD = self.dispatcher(h_BSD.reshape(B * S, D), plan, self.experts)
+        return out_TD.view(B, S, D), plan
