@@ -161,8 +161,10 @@ class Router(nn.Module):
         B, S, D = x_BSD.shape
         T = B * S
         groups, G = self.group_for(B, S)
-        # Router in fp32: affinities decide discrete choices, keep them stable under bf16 autocast.
-        logits_TE = F.linear(x_BSD.reshape(T, D).float(), self.weight.float())
+        # Router in (at least) fp32: affinities decide discrete choices; keep them stable under bf16.
+        dt = torch.promote_types(x_BSD.dtype, torch.float32)
+        with torch.autocast(x_BSD.device.type, enabled=False):
+            logits_TE = F.linear(x_BSD.reshape(T, D).to(dt), self.weight.to(dt))
         probs_TE = logits_TE.softmax(dim=-1)  # affinity A (Eq. 5)
         cap = self.cfg.capacity(G)
         if self.cfg.router == "expert_choice":
