@@ -11,4 +11,4 @@ captions with the offline MiniLM text encoder, and train a small EC-DiT with 2 p
 parallel 2) for a few minutes, writing checkpoints, a wandb offline run and a sample grid.
 [quickstart] The training app is not in yet; running the model's own CPU smoke run instead:
 MSG
-exec .venv/bin/python -m model.smoke
+exec .venv/bin/python -m train.smoke "$@"
