@@ -230,6 +230,19 @@ def epoch_shards(urls: list[str], cfg: DataConfig, epoch: int, rank: int, world:
     return order[rank::world][worker::workers]  # = wds.split_by_node then wds.split_by_worker
 
 
+def _error_source(exn: Exception) -> str | None:
+    """The tar stream an exception from webdataset's tar reader came from, or None.
+
+    webdataset tags member errors as "<msg> @ <stream>" and stream errors with args (..., stream, url).
+    """
+    args = getattr(exn, "args", ())
+    if args and isinstance(args[0], str) and " @ " in args[0]:
+        return args[0].rsplit(" @ ", 1)[1]
+    if len(args) >= 2 and args[-2] is not None and not isinstance(args[-2], str):
+        return str(args[-2])
+    return None
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: reads its shards, skips to its saved position, decodes and batches.
 
@@ -264,7 +277,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                             " (further ones of this kind are counted silently)" if warned[reason] == 3 else "")
             check_bad_fraction(pos.good, pos.bad, cfg, where)
 
+        broken = set()
+
         def on_error(exn):  # webdataset handler: a shard that cannot be opened or a truncated/corrupt tar
+            source = _error_source(exn)
+            if source is not None and source in broken:
+                return True  # one broken tar raises twice (bad member, then the stream): count it once
+            broken.add(source)
             if pos.consumed >= skip:  # errors before the resume point were counted by the first run
                 reason = "open" if isinstance(exn, OSError) and "tar" not in type(exn).__name__.lower() else "tar"
                 bad(reason, f"{type(exn).__name__}: {exn}")
@@ -296,6 +315,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             skip, pos.epoch, pos.consumed = 0, pos.epoch + 1, 0  # a whole epoch consumed
         if batch and not cfg.drop_last:
             yield dict(self.collate(batch), _pos=dict(pos.as_dict(), worker=worker))
+        yield dict(_pos=dict(pos.as_dict(), worker=worker), _end=True)  # final counts (bad samples after the last batch)
 
 
 # ----------------------------------------------------------------------------------------- main-process loader
@@ -328,9 +348,11 @@ class ShardLoader:
             pos = batch.pop("_pos")
             worker = pos.pop("worker")
             self.positions[worker] = pos
-            self.next_worker = (worker + 1) % self.workers  # DataLoader serves workers round-robin
             stats = self.stats()
             check_bad_fraction(stats["good"], Counter(stats["bad"]), self.cfg, f" (rank {self.rank})")
+            if batch.pop("_end", False):
+                continue  # a finite stream's last word: no samples
+            self.next_worker = (worker + 1) % self.workers  # DataLoader serves workers round-robin
             yield self.transform(batch) if self.transform else batch
 
     def stats(self) -> dict:
