@@ -40,7 +40,13 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Multi-head cross-attention from image tokens to text embeddings (Eq. 2-3): queries from x
-    (d -> d), keys and values from the text (d_y -> d); a padding mask hides unused text positions."""
+    (d -> d), keys and values from the text (d_y -> d); a padding mask hides unused text positions.
+
+    Classifier-free guidance: for samples with drop_B, the keys/values of text position 0 are those of
+    the learned null text `null_T` (the caller masks the other positions). Swapping after the
+    projection keeps the frozen text out of autograd, so backward computes no gradient for the
+    [B, L, d_y] text, only for the one null token.
+    """
 
     def __init__(self, dim: int, text_dim: int, heads: int, qk_norm: bool = True):
         super().__init__()
@@ -51,11 +57,17 @@ class CrossAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x_BSD: torch.Tensor, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
+                drop_B: torch.Tensor | None = None, null_T: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         L = ctx_BLT.shape[1]
         q = self.q(x_BSD).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k, v = self.kv(ctx_BLT).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, hd]
+        kv_BLK = self.kv(ctx_BLT)  # [B, L, 2D]
+        if drop_B is not None:
+            kv_null = self.kv(null_T.to(ctx_BLT.dtype))  # [2D]
+            first_L = torch.arange(L, device=ctx_BLT.device) == 0
+            kv_BLK = torch.where((drop_B.view(B, 1) & first_L).unsqueeze(-1), kv_null, kv_BLK)
+        k, v = kv_BLK.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         mask = None if ctx_mask_BL is None else ctx_mask_BL[:, None, None, :]  # [B, 1, 1, L] True = attend
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -32,6 +32,17 @@ class DiTOutput:
     moe_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one dict per MoE layer
 
 
+@dataclass
+class TextCond:
+    """Text conditioning of one forward: embeddings [B, L, d_y], padding mask [B, L] (True = attend),
+    CFG drop flags [B] and the learned null text [d_y]."""
+
+    ctx: torch.Tensor
+    mask: torch.Tensor | None
+    drop: torch.Tensor | None
+    null: torch.Tensor
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, index: int):
         super().__init__()
@@ -45,12 +56,11 @@ class DiTBlock(nn.Module):
         else:
             self.ffn = FeedForward(d, cfg.dense_ffn_dim(index), cfg.ffn_bias)
 
-    def forward(self, x_BSD: torch.Tensor, c_BD: torch.Tensor, ctx_BLT: torch.Tensor,
-                ctx_mask_BL: torch.Tensor | None, collect_stats: bool = True
+    def forward(self, x_BSD: torch.Tensor, c_BD: torch.Tensor, text: "TextCond", collect_stats: bool = True
                 ) -> tuple[torch.Tensor, RoutingPlan | None]:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaln(c_BD)
         x = x_BSD + g1.unsqueeze(1) * self.attn(modulate(layer_norm(x_BSD), sh1, sc1))
-        x = x + self.cross(x, ctx_BLT, ctx_mask_BL)  # x' = x_s + MHCA(x_s): the router input
+        x = x + self.cross(x, text.ctx, text.mask, text.drop, text.null)  # x' = x_s + MHCA(x_s): router input
         h = modulate(layer_norm(x), sh2, sc2)
         plan = None
         if self.is_moe:
@@ -104,20 +114,18 @@ class DiT(nn.Module):
                 m.init_weights()
 
     # ---- conditioning --------------------------------------------------------------------------
-    def apply_text_drop(self, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
-                        drop_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replace the text of samples with drop_B=True by the learned null text (CFG)."""
+    @staticmethod
+    def text_mask_with_drop(ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
+                            drop_B: torch.Tensor | None) -> torch.Tensor | None:
+        """Padding mask in which samples with drop_B=True see only position 0, where the
+        cross-attention puts the learned null text (CFG)."""
         if drop_B is None:
-            return ctx_BLT, ctx_mask_BL
+            return ctx_mask_BL
         B, L, _ = ctx_BLT.shape
         if ctx_mask_BL is None:
             ctx_mask_BL = torch.ones(B, L, dtype=torch.bool, device=ctx_BLT.device)
-        null_ctx = torch.cat([self.null_text.to(ctx_BLT.dtype).expand(B, 1, -1), ctx_BLT.new_zeros(B, L - 1, ctx_BLT.shape[-1])], 1)
-        null_mask = torch.zeros_like(ctx_mask_BL)
-        null_mask[:, 0] = True
-        ctx = torch.where(drop_B.view(B, 1, 1), null_ctx, ctx_BLT)
-        mask = torch.where(drop_B.view(B, 1), null_mask, ctx_mask_BL)
-        return ctx, mask
+        null_mask_L = torch.arange(L, device=ctx_BLT.device) == 0
+        return torch.where(drop_B.view(B, 1), null_mask_L, ctx_mask_BL)
 
     def set_inference_routing(self, group: str, group_size: int | None = None) -> None:
         """Routing group used in eval mode by every MoE layer: "tokens" (fixed G), "sample"
@@ -135,11 +143,12 @@ class DiT(nn.Module):
         if keep_idx_BK is not None:  # MaskDiT: keep only the sampled tokens
             x = torch.gather(x, 1, keep_idx_BK.unsqueeze(-1).expand(-1, -1, cfg.dim))  # [B, K, D]
         c = self.t_embed(t_B)  # [B, D]
-        ctx, ctx_mask = self.apply_text_drop(ctx_BLT, ctx_mask_BL, text_drop_B)
+        text = TextCond(ctx_BLT, self.text_mask_with_drop(ctx_BLT, ctx_mask_BL, text_drop_B), text_drop_B,
+                        self.null_text)
         aux = x.new_zeros((), dtype=torch.float32)
         stats: list[dict[str, torch.Tensor]] = []
         for blk in self.blocks:
-            x, plan = blk(x, c, ctx, ctx_mask, collect_stats=collect_stats)
+            x, plan = blk(x, c, text, collect_stats=collect_stats)
             if plan is not None:
                 aux = aux + plan.aux_loss
                 stats.append(plan.stats)

@@ -5,7 +5,7 @@ import torch
 
 from model.attention import SelfAttention
 from model.config import get_preset
-from model.dit import DiT, build_model
+from model.dit import DiT, TextCond, build_model
 from model.flow import random_keep_indices
 from model.layers import patchify, unpatchify
 
@@ -30,8 +30,9 @@ def test_adaln_zero_init_makes_every_block_the_identity():
     x, t, ctx, mask = tiny_batch(cfg, 2)
     h = torch.randn(2, cfg.num_tokens, cfg.dim, dtype=torch.float64)
     c = model.t_embed(t)
+    text = TextCond(ctx, mask, None, model.null_text)
     for blk in model.blocks:
-        out, _ = blk(h, c, ctx, mask)
+        out, _ = blk(h, c, text)
         assert torch.equal(out, h)
     assert (model(x, t, ctx, mask).pred == 0).all()  # zero final layer
 
