@@ -20,6 +20,11 @@ from .config import MoEConfig
 from .routing import Router, RoutingPlan
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The local shard of an expert weight that parallel/ made a DTensor (sharded over experts)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class GroupedExperts(nn.Module):
     """E GeLU FFN experts with stacked weights; forward maps [E, X, D] -> [E, X, D] by batched matmul.
 
@@ -36,14 +41,10 @@ class GroupedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None  # [E, D]
 
     def forward(self, x_EXD: torch.Tensor) -> torch.Tensor:
-        if self.b1 is None:
-            h_EXF = torch.bmm(x_EXD, self.w1)
-        else:
-            h_EXF = torch.baddbmm(self.b1.unsqueeze(1), x_EXD, self.w1)
+        w1, w2, b1, b2 = (_local(p) for p in (self.w1, self.w2, self.b1, self.b2))
+        h_EXF = torch.bmm(x_EXD, w1) if b1 is None else torch.baddbmm(b1.unsqueeze(1), x_EXD, w1)
         h_EXF = F.gelu(h_EXF, approximate="tanh")
-        if self.b2 is None:
-            return torch.bmm(h_EXF, self.w2)  # [E, X, D]
-        return torch.baddbmm(self.b2.unsqueeze(1), h_EXF, self.w2)
+        return torch.bmm(h_EXF, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), h_EXF, w2)  # [E, X, D]
 
     def init_weights(self) -> None:
         # Per expert the same distribution as the dense FFN's xavier-uniform Linear layers.
