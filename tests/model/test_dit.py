@@ -110,3 +110,21 @@ def test_moe_stats_are_reported_per_moe_layer():
     for s in out.moe_stats:
         assert s["expert_count"].shape == (4 * cfg.num_tokens,)
         assert 0 <= s["drop_rate"].item() < 1
+
+
+@pytest.mark.parametrize("name", ["tiny-ec", "tiny-tc"])
+def test_bf16_autocast_matches_fp32_and_trains(name):
+    from model.flow import FlowConfig, flow_loss
+    model, cfg = tiny_model(name, dtype=torch.float32, moe=dict(group="sample"))
+    x, _, ctx, mask = tiny_batch(cfg, 4, dtype=torch.float32)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ref = flow_loss(model, x, ctx, mask, FlowConfig(), generator=gen())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flow_loss(model, x, ctx, mask, FlowConfig(), generator=gen())
+    assert out["out"].pred.dtype == torch.bfloat16
+    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=0.05)
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    router = model.blocks[1].ffn.router.weight
+    assert router.grad.dtype == torch.float32 and router.grad.abs().sum() > 0
