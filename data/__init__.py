@@ -5,7 +5,7 @@
 
 from data.config import DataConfig, DataShapes, data_shapes
 from data.encoders import FrozenEncoders, load_text_encoder, load_vae
-from data.shards import TooManyBadSamples, make_image_loader, make_latent_loader
+from data.shards import TooManyBadSamples, make_image_loader, make_latent_loader, make_loader
 
 __all__ = ["DataConfig", "DataShapes", "data_shapes", "FrozenEncoders", "load_text_encoder", "load_vae",
-           "TooManyBadSamples", "make_image_loader", "make_latent_loader"]
+           "TooManyBadSamples", "make_image_loader", "make_latent_loader", "make_loader"]

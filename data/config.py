@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TEXT_ENCODERS = ("minilm", "t5")
 VAES = ("pixel", "kl")
@@ -18,7 +18,7 @@ DTYPES = ("auto", "bf16", "fp32")
 class DataConfig:
     """Configuration of one data stream. Defaults are the embedded shapes dataset (32x32, pixel VAE, MiniLM)."""
 
-    shards: str | list[str] = ""  # brace pattern, local paths or pipe: URLs; "::" joins several patterns
+    shards: str = ""  # brace pattern, local path or pipe: URL; "::" joins several (a plain str: Hydra-friendly)
     kind: str = "image"  # "image": jpg/png + txt (+json) shards; "latent": precomputed latent shards
     batch_size: int = 32
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -37,7 +37,6 @@ class DataConfig:
     encoder_dtype: str = "auto"  # "auto" = bf16 on a bf16-capable GPU, else fp32
     max_bad_fraction: float = 0.05  # stop with a clear error when more samples than this are bad ...
     min_samples_for_bad_check: int = 100  # ... once this many samples (good + bad) were seen
-    extra: dict = field(default_factory=dict)  # free-form notes carried along (not used by the loader)
 
     def __post_init__(self):
         self.validate()
@@ -71,7 +70,7 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             bad("max_bad_fraction", "must be in [0, 1]")
         if not isinstance(self.shards, (str, list)):
-            bad("shards", "must be a string pattern or a list of URLs")
+            bad("shards", "must be a string pattern ('::' joins several) or a list of URLs")
         return self
 
     def replace(self, **kw) -> "DataConfig":

@@ -368,6 +368,8 @@ class ShardLoader:
         return f"data rank {self.rank}: {s['good']} good samples, {nbad} bad {s['bad'] or ''}".rstrip()
 
     def state_dict(self) -> dict:
+        """This rank's position (plain ints/dicts). Ranks differ: checkpoint it under a per-rank key, since
+        torch.distributed.checkpoint keeps one copy of a non-tensor value that every rank saves under one key."""
         return dict(version=1, rank=self.rank, world_size=self.world, num_workers=self.workers, seed=self.cfg.seed,
                     shards=len(self.urls), next_worker=self.next_worker,
                     workers={str(w): dict(p) for w, p in self.positions.items()})
@@ -408,6 +410,12 @@ def make_latent_loader(cfg: DataConfig, rank: int | None = None, world_size: int
     css = (shapes.latent_channels, shapes.latent_size, shapes.latent_size)
     decode = _Bind(decode_latent_sample, cfg, css, shapes.text_dim if check_text_dim else None)
     return ShardLoader(cfg, decode, _Bind(collate_latents, max_len=cfg.max_text_len), rank, world_size, transform)
+
+
+def make_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None, transform=None) -> ShardLoader:
+    """make_image_loader or make_latent_loader, by cfg.kind."""
+    make = make_image_loader if cfg.kind == "image" else make_latent_loader
+    return make(cfg, rank, world_size, transform)
 
 
 class _Bind:

@@ -151,3 +151,14 @@ def test_too_many_bad_samples_stop_with_a_clear_message(tmp_path):
         keys_of(make_image_loader(cfg))
     ok = make_image_loader(cfg.replace(max_bad_fraction=0.6))
     assert len(flat(keys_of(ok))) == 20 and ok.stats()["bad"] == {"image": 20}
+
+
+def test_explicit_ranks_split_and_resampled_streams(shapes_dir):
+    cfg = cfg_for(shapes_dir["pattern"], drop_last=False)
+    r0, r1 = (flat(keys_of(make_image_loader(cfg, rank=r, world_size=2))) for r in (0, 1))
+    assert not set(r0) & set(r1) and set(r0) | set(r1) == shapes_dir["keys"]
+    res = cfg.replace(resampled=True, epochs=3)  # each "epoch" draws 8 / 2 = 4 shards with replacement per rank
+    a0, a1 = (flat(keys_of(make_image_loader(res, rank=r, world_size=2))) for r in (0, 1))
+    assert len(a0) == len(a1) == 3 * 4 * 40 and a0 != a1
+    assert len(set(a0)) < len(a0)  # with replacement: some shard drawn twice over three rounds
+    assert a0 == flat(keys_of(make_image_loader(res, rank=0, world_size=2)))  # deterministic in the seed
