@@ -2,6 +2,7 @@
 # Creates ./.venv with torch==2.13.0 and the project's dependencies. Idempotent: re-runs only when
 # pyproject.toml, the constraints or this script change. Used by launch/quickstart.sh and tests/run.sh.
 set -euo pipefail
+export DS_BUILD_OPS=0  # DeepSpeed: no CUDA op builds at install time
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-$(command -v python3.11 || command -v python3)}"

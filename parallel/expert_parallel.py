@@ -17,6 +17,8 @@ still to come (issue: distributed).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -64,11 +66,13 @@ def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
         experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
 
 
-def apply_expert_parallel(model: DiT, mesh: DeviceMesh) -> DiT:
-    """Shard every MoE layer's experts over the 1-D expert-parallel `mesh` and install the
-    all-to-all dispatcher. Expects the same full weights on every rank (same seed or a broadcast)."""
+def apply_expert_parallel(model: DiT, mesh: DeviceMesh,
+                          make_dispatcher: Callable[[DeviceMesh], LocalDispatcher] = AllToAllDispatcher) -> DiT:
+    """Shard every MoE layer's experts over the 1-D expert-parallel `mesh` and install the dispatcher
+    (`make_dispatcher(mesh)`; default: the equal-split all-to-all). Expects the same full weights on
+    every rank (same seed or a broadcast)."""
     for blk in model.blocks:
         if blk.is_moe:
             shard_experts(blk.ffn.experts, mesh)
-            blk.ffn.dispatcher = AllToAllDispatcher(mesh)
+            blk.ffn.dispatcher = make_dispatcher(mesh)
     return model
