@@ -6,6 +6,14 @@ notes on the silent data-loss trap of plain per-rank parameters). The MoE layer'
 replaced by `AllToAllDispatcher`, which moves each expert's slot tokens to the expert's owner and the
 outputs back with autograd-aware all-to-alls.
 
+Gradient convention: an expert's weight gradient sums the contributions of the tokens of all ep
+ranks, while a dense weight's sums only the local tokens'. Hooks on the experts module (any
+dispatcher) scale the gradient that reaches the expert weights by 1/ep (scale 1/ep on the gradient into the expert output, ep on the
+gradient out of its input, so token gradients are unchanged). Averaging dense gradients over all
+data-parallel ranks and expert gradients over the expert's data-parallel replicas (FSDP's default)
+then gives the gradient of the global mean loss. (FSDP2's `set_gradient_divide_factor` would do the
+same, but gloo lacks the PREMUL_SUM it needs, and torch 2.13 divides twice on a size-1 mesh.)
+
 Because every routing plan has a fixed number X of slots per expert (expert choice: exactly C tokens
 per group; token choice: the capacity), the all-to-all splits are equal and known in advance: no
 split exchange and no device-to-host sync. This requires every rank of the group to route the same
@@ -23,7 +31,7 @@ import torch
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from model.dit import DiT
 from model.moe import GroupedExperts, LocalDispatcher
@@ -55,15 +63,43 @@ class AllToAllDispatcher(LocalDispatcher):
         return self.combine(back, plan)
 
 
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _GradScale.apply(x, scale)
+
+
 def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
     """Replace the stacked expert weights by DTensors sharded over experts on `mesh`."""
     if experts.num_experts % mesh.size():
         raise ValueError(f"model.moe.num_experts={experts.num_experts} must be divisible by the "
                          f"expert-parallel size {mesh.size()}")
+    local = experts.num_experts // mesh.size()
+    start = mesh.get_local_rank() * local
     for name, param in list(experts.named_parameters(recurse=False)):
         if isinstance(param, DTensor):
             continue
-        experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
+        # Slice locally (no communication; works on the meta device): rank r keeps experts
+        # [r*local, (r+1)*local).
+        shard = param.data.narrow(0, start, local).clone()
+        experts.register_parameter(name, nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)))
+
+
+def scale_expert_grads(experts: GroupedExperts, ep: int) -> None:
+    """Hooks that scale the experts' weight gradients by 1/ep and leave token gradients unchanged."""
+    experts.register_forward_pre_hook(lambda mod, args: (_grad_scale(args[0], float(ep)), *args[1:]))
+    experts.register_forward_hook(lambda mod, args, out: _grad_scale(out, 1.0 / ep))
 
 
 def apply_expert_parallel(model: DiT, mesh: DeviceMesh,
@@ -74,5 +110,6 @@ def apply_expert_parallel(model: DiT, mesh: DeviceMesh,
     for blk in model.blocks:
         if blk.is_moe:
             shard_experts(blk.ffn.experts, mesh)
+            scale_expert_grads(blk.ffn.experts, mesh.size())
             blk.ffn.dispatcher = make_dispatcher(mesh)
     return model

@@ -46,7 +46,7 @@ def _worker(rank, init_file, router):
         ref_loss, ref_preds = 0.0, []
         for r in range(WORLD):
             loss, pred = _loss(ref, _batch(cfg, r))
-            ref_loss = ref_loss + loss
+            ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
             ref_preds.append(pred)
         ref_loss.backward()
 
@@ -65,9 +65,10 @@ def _worker(rank, init_file, router):
                 torch.testing.assert_close(p.grad.to_local(), p_ref.grad[rank * local:(rank + 1) * local],
                                            rtol=1e-10, atol=1e-12, msg=name)
                 checked_experts += 1
-            else:  # replicated weights: data-parallel sum of the ranks' gradients
+            else:  # replicated weights: data-parallel mean of the ranks' gradients
                 g = p.grad.clone()
                 dist.all_reduce(g)
+                g /= WORLD
                 torch.testing.assert_close(g, p_ref.grad, rtol=1e-10, atol=1e-12, msg=name)
         assert checked_experts == 2 * cfg.num_moe_blocks * (2 if cfg.ffn_bias else 1)
     finally:

@@ -1,0 +1,65 @@
+"""Device mesh from the parallel config: named dims ("dp_replicate", "dp_shard_mod_ep", "ep").
+
+Expert parallelism is carved out of the data-parallel ranks: world = dp_replicate * dp_shard and
+dp_shard = dp_shard_mod_ep * ep. Dense weights are sharded (FSDP2) over "dp_shard" (the flattened
+dp_shard_mod_ep x ep) and replicated over "dp_replicate" (HSDP); each expert-parallel rank holds
+E / ep experts, further sharded over dp_shard_mod_ep. The world size comes from the launcher, never
+from the model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+DISPATCHERS = ("alltoall", "megatron_alltoall", "megatron_allgather")
+
+
+class ParallelConfigError(ValueError):
+    """A bad parallel configuration; the message names the field."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: world_size / dp_replicate
+    ep: int = 1
+    dispatcher: str = "alltoall"  # expert-parallel token dispatcher (see parallel/expert_parallel.py)
+    fsdp: bool = True  # FSDP2 over the data-parallel dims (else plain replicas, grads all-reduced by caller)
+    activation_checkpointing: bool = False  # per block
+    param_dtype: str = "fp32"  # "bf16": FSDP2 mixed precision (bf16 params/compute, fp32 reduce) — GPU
+
+    def resolved(self, world_size: int, num_experts: int | None = None) -> "ParallelConfig":
+        """Validate against the world size and the model's experts; fill dp_shard = -1."""
+        p = "parallel"
+        if self.dp_replicate < 1:
+            raise ParallelConfigError(f"{p}.dp_replicate={self.dp_replicate} must be >= 1")
+        if world_size % self.dp_replicate:
+            raise ParallelConfigError(f"{p}.dp_replicate={self.dp_replicate} must divide the world size {world_size}")
+        dp_shard = world_size // self.dp_replicate if self.dp_shard == -1 else self.dp_shard
+        if dp_shard < 1 or self.dp_replicate * dp_shard != world_size:
+            raise ParallelConfigError(f"{p}.dp_replicate x {p}.dp_shard = {self.dp_replicate} x {dp_shard} "
+                                      f"must equal the world size {world_size}")
+        if self.ep < 1 or dp_shard % self.ep:
+            raise ParallelConfigError(f"{p}.ep={self.ep} must divide {p}.dp_shard={dp_shard}")
+        if self.ep > 1 and num_experts is None:
+            raise ParallelConfigError(f"{p}.ep={self.ep} needs a MoE model (model.moe is None)")
+        if num_experts is not None and num_experts % self.ep:
+            raise ParallelConfigError(f"model.moe.num_experts={num_experts} must be divisible by {p}.ep={self.ep}")
+        if self.dispatcher not in DISPATCHERS:
+            raise ParallelConfigError(f"{p}.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise ParallelConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
+        from dataclasses import replace
+        return replace(self, dp_shard=dp_shard)
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str = "cpu") -> DeviceMesh:
+    """3-D mesh ("dp_replicate", "dp_shard_mod_ep", "ep") with the flattened "dp_shard" and "dp" dims.
+    `cfg` must be resolved."""
+    mesh = init_device_mesh(device_type, (cfg.dp_replicate, cfg.dp_shard // cfg.ep, cfg.ep),
+                            mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"))
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+    return mesh

@@ -1,0 +1,41 @@
+"""Helpers for multi-process tests: spawn gloo workers, per-rank batches, a deterministic loss."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_workers(fn, world: int, tmp_path, *args) -> None:
+    """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg-init"), args), nprocs=world, join=True)
+
+
+def _entry(rank, fn, world, init_file, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_batch(cfg, rank, batch=4, step=0, dtype=None):
+    """Rank r's local batch (x, t, ctx, mask, keep); different per rank and per step."""
+    from tests.model.helpers import tiny_batch
+    dtype = dtype or torch.float64
+    x, t, ctx, mask = tiny_batch(cfg, batch, seed=1000 * step + 10 + rank, dtype=dtype)
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    keep = torch.rand(batch, cfg.num_tokens, generator=g).argsort(1)[:, :cfg.kept_tokens].sort(1).values
+    return x, t, ctx, mask, keep
+
+
+def batch_loss(model, batch):
+    """A loss that exercises the whole model: squared prediction + MoE aux loss; returns (loss, pred)."""
+    x, t, ctx, mask, keep = batch
+    drop = torch.zeros(x.shape[0], dtype=torch.bool)
+    drop[0] = True
+    out = model(x, t, ctx, mask, keep_idx_BK=keep, text_drop_B=drop)
+    return out.pred.square().mean() + out.aux_loss, out.pred
