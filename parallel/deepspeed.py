@@ -71,11 +71,22 @@ def ds_config(stage: int = 2, micro_batch: int = 1, grad_accum: int = 1, lr: flo
 
 def build_engine(model: nn.Module, config: dict):
     """`deepspeed.initialize` for `model` (weights already initialised, identical on every rank:
-    DeepSpeed broadcasts rank 0's anyway). Initialises torch.distributed if needed (gloo on CPU)."""
+    DeepSpeed broadcasts rank 0's anyway). Initialises torch.distributed if needed (gloo on CPU).
+
+    Under ZeRO-3 every `MoEFeedForward` becomes a ZeRO-3 "leaf" module (its router and experts are
+    gathered together for its forward and backward): the router returns a `RoutingPlan` dataclass,
+    which ZeRO-3's module hooks do not look into, so without this the router weight is not re-gathered
+    for backward ("The size of tensor a (0) must match the size of tensor b (D)")."""
     import deepspeed
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed()
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from model.moe import MoEFeedForward
+        if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+            set_z3_leaf_modules(model, [MoEFeedForward])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=config)
     return engine
