@@ -1,7 +1,9 @@
 """Expert parallelism through megatron-core's token dispatchers equals single-process, forward and backward.
 
 Two gloo processes, EP = 2, float64: each rank routes its own local batch; the reference runs both
-local batches through the unsharded model in one process. Both megatron dispatchers (all-to-all,
+local batches through the unsharded model in one process (loss = the global batch's mean).
+Gradient convention of `apply_expert_parallel`: expert gradients come out scaled by 1/ep, so that
+averaging dense gradients over ranks gives the global mean loss's gradient everywhere. Both megatron dispatchers (all-to-all,
 all-gather) and both routers (expert choice, token choice with drops) run in the same two processes,
 one after another (megatron's import and parallel_state set-up are paid once).
 """
@@ -45,7 +47,7 @@ def _check(rank, router, kind, mesh):
     ref_loss, ref_preds = 0.0, []
     for r in range(WORLD):
         loss, pred = _loss(ref, _batch(cfg, r))
-        ref_loss = ref_loss + loss
+        ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
         ref_preds.append(pred)
     ref_loss.backward()
 
@@ -74,9 +76,10 @@ def _check(rank, router, kind, mesh):
             torch.testing.assert_close(p.grad.to_local(), p_ref.grad[rank * local:(rank + 1) * local],
                                        **TOL, msg=f"{msg} {name}")
             checked += 1
-        else:  # replicated weights (router included): data-parallel sum of the ranks' gradients
+        else:  # replicated weights (router included): data-parallel mean of the ranks' gradients
             g = p.grad.clone()
             dist.all_reduce(g)
+            g /= WORLD
             torch.testing.assert_close(g, p_ref.grad, **TOL, msg=f"{msg} {name}")
     assert checked == 2 * cfg.num_moe_blocks * (2 if cfg.ffn_bias else 1)
 
