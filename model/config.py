@@ -280,5 +280,29 @@ def dense_twin(cfg: DiTConfig, equal_compute: bool = False) -> DiTConfig:
     return dataclasses.replace(cfg, name=name, moe=None, moe_position_ffn_scale=scale).validate()
 
 
-__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B",
+
+
+def config_to_dict(cfg: DiTConfig) -> dict:
+    """Plain dict (JSON-able) of a model config."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> DiTConfig:
+    """Inverse of `config_to_dict`; unknown keys are an error naming the field."""
+    d = dict(d)
+    moe = d.pop("moe", None)
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    for k in d:
+        if k not in fields:
+            raise ConfigError(f"model.{k} is not a model config field")
+    if moe is not None:
+        moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+        for k in moe:
+            if k not in moe_fields:
+                raise ConfigError(f"model.moe.{k} is not a MoE config field")
+        moe = MoEConfig(**moe)
+    return DiTConfig(moe=moe, **d).validate()
+
+
+__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B", "config_to_dict", "config_from_dict",
            "T5_PARAMS", "VAE_PARAMS", "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES"]

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 def run_workers(fn, world: int, tmp_path, *args) -> None:
     """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg-init"), args), nprocs=world, join=True)
 
 

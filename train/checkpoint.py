@@ -1,0 +1,223 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), and safetensors export.
+
+Layout of a run's checkpoint root:
+
+    step_00001000/            a complete checkpoint (only complete ones carry this name)
+        .metadata, *.distcp   model + optimizer, sharded (DTensor shards reshard on load)
+        train/rank00000.json  per-rank train state (step, schedule, RNG, data position): JSON, no pickle
+        config.json           the run's resolved config (if given)
+        meta.json             step, world size, time; written last
+    .tmp-step_00002000/       a save in progress (or killed): ignored, removed by the next Checkpointer
+
+A save is written into `.tmp-step_*` and published by an atomic rename once every rank has finished,
+so a kill at any moment leaves the last good checkpoint loadable. With `async_save`, DCP writes in a
+background thread and the publish happens at the next `save`, `wait` or `close`.
+
+Loading works at any world size and expert-parallel size: model and optimizer state go through
+`get_state_dict` / `set_state_dict` (FQN-keyed, DTensor-aware), so DCP reshards. The per-rank train
+state is restored only when the world size is unchanged (otherwise `load` returns None for it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from model.config import DiTConfig, config_from_dict, config_to_dict
+from model.dit import DiT, build_model
+
+STEP_PREFIX, TMP_PREFIX = "step_", ".tmp-step_"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- RNG state as JSON --------------------------------------------------------------------------
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng() -> dict:
+    """This rank's RNG states (torch CPU and CUDA, Python, NumPy) as a JSON-able dict."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": _b64(torch.get_rng_state()), "python": repr(random.getstate()),
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import ast
+    torch.set_rng_state(_unb64(state["torch"]))
+    random.setstate(ast.literal_eval(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---- checkpointer -------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Save / find / load sharded checkpoints under `root` (see module docstring)."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3, async_save: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: tuple[Future, int, dict] | None = None
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(TMP_PREFIX + "*"):  # left by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    # -- listing --
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        found = [p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+    def latest(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    # -- saving --
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             train_state: dict | None = None, config: dict | None = None) -> None:
+        """Save model + optimizer (sharded) and this rank's JSON-able `train_state`; collective."""
+        self.wait()
+        tmp = self.root / f"{TMP_PREFIX}{step:08d}"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "train").mkdir(parents=True)
+        _barrier()
+        state = _app_state(model, optimizer)
+        (tmp / "train" / f"rank{_rank():05d}.json").write_text(json.dumps(train_state or {}))
+        meta = {"step": step, "world_size": _world(), "config": config}
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), step, meta)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._publish(step, meta)
+
+    def wait(self) -> None:
+        """Finish a pending async save and publish it."""
+        if self._pending is not None:
+            future, step, meta = self._pending
+            self._pending = None
+            future.result()
+            self._publish(step, meta)
+
+    close = wait
+
+    def _publish(self, step: int, meta: dict) -> None:
+        _barrier()  # every rank's shards are written
+        if _rank() == 0:
+            tmp, final = self.root / f"{TMP_PREFIX}{step:08d}", self.root / f"{STEP_PREFIX}{step:08d}"
+            config = meta.pop("config")
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            (tmp / "meta.json").write_text(json.dumps({**meta, "time": time.time()}))
+            if final.exists():  # re-saving the same step: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
+            _fsync_dir(self.root)
+            for old in self.checkpoints()[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    # -- loading --
+    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+             ) -> dict | None:
+        """Load into an already parallelized model (any world / EP size); returns this rank's train
+        state, or None when the checkpoint was written at another world size."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no meta.json)")
+        state = _app_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = json.loads((path / "meta.json").read_text())
+        rank_file = path / "train" / f"rank{_rank():05d}.json"
+        if meta["world_size"] != _world() or not rank_file.is_file():
+            return None
+        return json.loads(rank_file.read_text())
+
+
+def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+# ---- safetensors export -------------------------------------------------------------------------
+
+def export_safetensors(model: DiT, out_dir: str | Path) -> Path | None:
+    """Consolidated, unsharded weights (+ config JSON) of a possibly sharded model; collective.
+    Rank 0 writes `model.safetensors` and `config.json` and returns the file path."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_to_dict(model.cfg)
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    save_file(tensors, out / "model.safetensors", metadata={"config": json.dumps(cfg)})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out / "model.safetensors"
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> DiT:
+    """Build the model described by an export's config.json and load its weights (strictly)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg: DiTConfig = config_from_dict(json.loads((folder / "config.json").read_text()))
+    state = load_file(folder / "model.safetensors", device=str(device))
+    model = build_model(cfg, device=device).to(next(iter(state.values())).dtype)  # the stored dtype
+    model.load_state_dict(state, strict=True)
+    return model
