@@ -1,0 +1,40 @@
+"""launch/plan.py: the M-64E sharding plan on 64 ranks, without allocating the model."""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_m64e_plan_for_64_gpus_without_allocating(tmp_path):
+    out = tmp_path / "plan.json"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([sys.executable, "launch/plan.py", "--preset", "ec-m-64e", "--nodes", "8",
+                           "--gpus-per-node", "8", "--ep", "8", "16", "64", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(peak_kib, before) < 2 * 2**20  # < 2 GiB resident: the 97B (390 GB fp32) model is never built
+    assert "ec-m-64e: 64 ranks" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [r["ep"] for r in rows] == [8, 16, 64]
+    from model.config import get_preset
+    from model.params import param_counts
+    total = param_counts(get_preset("ec-m-64e")).total
+    for r in rows:
+        # FSDP shards everything over the 64 ranks (experts over ep x dp/ep): ~1/64 each (+ padding).
+        assert total / 64 <= r["params_per_rank"] <= total / 64 * 1.01
+        assert r["alltoall_gib_per_step"] > 0
+    # More expert parallelism: fewer experts per all-gathered block, more traffic off-rank.
+    assert rows[0]["working_gib"] > rows[1]["working_gib"] > rows[2]["working_gib"]
+    assert rows[0]["alltoall_gib_per_step"] < rows[2]["alltoall_gib_per_step"]
+
+
+def test_plan_rejects_an_ep_that_does_not_divide_the_experts():
+    proc = subprocess.run([sys.executable, "launch/plan.py", "--preset", "ec-xl-8e", "--nodes", "2",
+                           "--gpus-per-node", "8", "--ep", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "model.moe.num_experts=8 must be divisible by parallel.ep=16" in proc.stderr
