@@ -7,12 +7,14 @@
 Runs under `torchrun` / `deepspeed` / `mp.spawn` (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The
 `deepspeed` launcher appends `--local_rank=N` to the script's arguments: strip it before parsing.
 
-CPU (what runs without a GPU, DeepSpeed 0.19.8 installed with DS_BUILD_OPS=0): DeepSpeed picks its
-CPU accelerator by itself (gloo); ZeRO-2 and ZeRO-3 train in fp32 and bf16 with `"torch_adam": true`
-(torch's AdamW; without it DeepSpeed JIT-compiles its CPU Adam at start-up, ~1 min). Not available
-without a GPU: the fused CUDA Adam/Lamb kernels, fp16 loss scaling as used on GPU, ZeRO-Offload's
-compiled CPU Adam (needs the JIT build), NVMe offload (async I/O op). Expert parallelism is ours, not
-DeepSpeed-MoE's: the MoE layers run whatever dispatcher the model holds (the local one under ZeRO).
+CPU (DeepSpeed 0.19.8 installed with DS_BUILD_OPS=0): DeepSpeed picks its CPU accelerator by itself
+(gloo). Verified here: ZeRO-2 and ZeRO-3 in fp32 on 2 processes (tests/parallel/test_deepspeed.py) and
+in bf16 (single-process smoke run), with `"torch_adam": true` (torch's AdamW; without it DeepSpeed
+JIT-compiles its CPU Adam at start-up, ~1 min). Not tried here (they need a GPU or compiled ops): fp16
+with loss scaling, the fused
+CUDA optimizers, ZeRO-Offload with DeepSpeed's compiled CPU Adam, NVMe offload (async I/O op).
+Expert parallelism is ours, not DeepSpeed-MoE's: under ZeRO the MoE layers keep the model's local
+dispatcher (every rank holds all experts, ZeRO shards them like any weight).
 
 Resharding. A ZeRO checkpoint saved at one data-parallel size does not load at another by itself.
 Two routes, both here:

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.distributed
 
 WORLD, STEPS, MICRO, LR, CLIP = 2, 3, 2, 1e-2, 1.0
+STAGES = (2, 3)
 # Adam's eps large enough that the update depends on the gradient's scale (a gradient summed instead of
 # averaged over ranks would show) and fp32 roundoff of near-zero gradients is not amplified to ~lr.
 EPS = 0.1
@@ -72,83 +73,103 @@ def _full_weights(engine, stage):
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _train_dp2(rank, tmp, stage):
+def _train_dp2(rank, tmp, stages):
     _init(rank, WORLD, f"{tmp}/init2")
     try:
-        from model.flow import FlowConfig
-        from parallel.deepspeed import build_engine, ds_config, save, train_step
-        model, cfg = _model()
-        engine = build_engine(model, ds_config(stage, micro_batch=MICRO, lr=LR, eps=EPS, grad_clip=CLIP))
-        losses = []
-        for step in range(STEPS):
-            x, ctx, mask, g = _batch(cfg, rank, step)
-            loss = train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].clone()
-            dist.all_reduce(loss)
-            losses.append(loss.item() / WORLD)
-        save(engine, f"{tmp}/ckpt", tag="step3")
-        weights = _full_weights(engine, stage)
-        if rank == 0:
-            with open(f"{tmp}/dp2_losses.json", "w") as f:
-                json.dump(losses, f)
-            torch.save(weights, f"{tmp}/dp2_weights.pt")
+        for stage in stages:
+            _train_dp2_stage(rank, f"{tmp}/zero{stage}", stage)
     finally:
         dist.destroy_process_group()
 
 
-def _resume_dp1(rank, tmp, stage):
+def _train_dp2_stage(rank, tmp, stage):
+    os.makedirs(tmp, exist_ok=True)
+    from model.flow import FlowConfig
+    from parallel.deepspeed import build_engine, ds_config, save, train_step
+    model, cfg = _model()
+    engine = build_engine(model, ds_config(stage, micro_batch=MICRO, lr=LR, eps=EPS, grad_clip=CLIP))
+    losses = []
+    for step in range(STEPS):
+        x, ctx, mask, g = _batch(cfg, rank, step)
+        loss = train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / WORLD)
+    save(engine, f"{tmp}/ckpt", tag="step3")
+    weights = _full_weights(engine, stage)
+    if rank == 0:
+        with open(f"{tmp}/dp2_losses.json", "w") as f:
+            json.dump(losses, f)
+        torch.save(weights, f"{tmp}/dp2_weights.pt")
+
+
+def _resume_dp1(rank, tmp, stages):
     _init(0, 1, f"{tmp}/init1")
     try:
-        from model.flow import FlowConfig
-        from parallel.deepspeed import build_engine, ds_config, train_step
-        model, cfg = _model()
-        torch.nn.init.zeros_(next(model.parameters()))  # loaded weights must come from the checkpoint
-        engine = build_engine(model, ds_config(stage, micro_batch=MICRO, grad_accum=WORLD, lr=LR, eps=EPS,
-                                               grad_clip=CLIP, load_universal=True))
-        engine.load_checkpoint(f"{tmp}/universal", tag="step3")
-        torch.save(_full_weights(engine, stage), f"{tmp}/dp1_loaded.pt")
-        loss = 0.0
-        for r in range(WORLD):  # the two DP-2 ranks' batches as two accumulation micro-steps
-            x, ctx, mask, g = _batch(cfg, r, STEPS)
-            loss += train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].item() / WORLD
-        torch.save({"loss": loss, "weights": _full_weights(engine, stage)}, f"{tmp}/dp1_step4.pt")
+        for stage in stages:
+            _resume_dp1_stage(f"{tmp}/zero{stage}", stage)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_matches_single_process_and_reshards_to_dp1(tmp_path, stage):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    tmp = str(tmp_path)
-    ref_losses, ref_weights = _reference(STEPS + 1)
+def _resume_dp1_stage(tmp, stage):
+    from model.flow import FlowConfig
+    from parallel.deepspeed import build_engine, ds_config, train_step
+    model, cfg = _model()
+    torch.nn.init.zeros_(next(model.parameters()))  # loaded weights must come from the checkpoint
+    engine = build_engine(model, ds_config(stage, micro_batch=MICRO, grad_accum=WORLD, lr=LR, eps=EPS,
+                                           grad_clip=CLIP, load_universal=True))
+    engine.load_checkpoint(f"{tmp}/universal", tag="step3")
+    torch.save(_full_weights(engine, stage), f"{tmp}/dp1_loaded.pt")
+    loss = 0.0
+    for r in range(WORLD):  # the two DP-2 ranks' batches as two accumulation micro-steps
+        x, ctx, mask, g = _batch(cfg, r, STEPS)
+        loss += train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].item() / WORLD
+    torch.save({"loss": loss, "weights": _full_weights(engine, stage)}, f"{tmp}/dp1_step4.pt")
 
-    mp.spawn(_train_dp2, args=(tmp, stage), nprocs=WORLD, join=True)
+
+def test_zero2_zero3_match_single_process_and_reshard_to_dp1(tmp_path):
+    """ZeRO-2 and ZeRO-3 one after the other in the same processes (start-up is paid once)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ref_losses, ref_weights = _reference(STEPS + 1)
+    _, ref3 = _reference(STEPS)
+    mp.spawn(_train_dp2, args=(str(tmp_path), STAGES), nprocs=WORLD, join=True)
+    for stage in STAGES:
+        _convert_and_check_dp2(tmp_path / f"zero{stage}", ref_losses, ref3)
+    mp.spawn(_resume_dp1, args=(str(tmp_path), STAGES), nprocs=1, join=True)
+    for stage in STAGES:
+        _check_dp1(tmp_path / f"zero{stage}", ref_losses, ref_weights)
+
+
+def _convert_and_check_dp2(tmp_path, ref_losses, ref3):
     dp2_losses = json.loads((tmp_path / "dp2_losses.json").read_text())
     torch.testing.assert_close(torch.tensor(dp2_losses, dtype=torch.float64),
-                               torch.tensor(ref_losses[:STEPS], dtype=torch.float64), **LOSS_TOL)
+                               torch.tensor(ref_losses[:STEPS], dtype=torch.float64), **LOSS_TOL, msg=lambda m: f"{tmp_path.name} {m}")
     assert len(set(dp2_losses)) == STEPS  # it trains: the loss changes every step
 
     from parallel.deepspeed import load_fp32_weights, to_universal
     to_universal(tmp_path / "ckpt", tmp_path / "universal", tag="step3")
     dp2_weights = torch.load(tmp_path / "dp2_weights.pt", weights_only=True)
-    _, ref3 = _reference(STEPS)
     for k, v in ref3.items():
-        torch.testing.assert_close(dp2_weights[k], v, **WEIGHT_TOL, msg=lambda m: f"{k} {m}")
+        torch.testing.assert_close(dp2_weights[k], v, **WEIGHT_TOL, msg=lambda m: f"{tmp_path.name} {k} {m}")
     # Route 2: consolidated fp32 weights into a plain model equal the DP-2 engine's weights exactly.
     plain, _ = _model()
     load_fp32_weights(plain, tmp_path / "ckpt", tag="step3")
     for k, v in plain.state_dict().items():
-        assert torch.equal(v, dp2_weights[k]), k
+        assert torch.equal(v, dp2_weights[k]), f"{tmp_path.name} {k}"
 
-    mp.spawn(_resume_dp1, args=(tmp, stage), nprocs=1, join=True)
+
+def _check_dp1(tmp_path, ref_losses, ref_weights):
+    dp2_weights = torch.load(tmp_path / "dp2_weights.pt", weights_only=True)
     loaded = torch.load(tmp_path / "dp1_loaded.pt", weights_only=True)
     for k, v in dp2_weights.items():
-        assert torch.equal(loaded[k], v), f"universal load at DP 1 changed {k}"
+        assert torch.equal(loaded[k], v), f"{tmp_path.name}: universal load at DP 1 changed {k}"
     resumed = torch.load(tmp_path / "dp1_step4.pt", weights_only=True)
     assert resumed["loss"] == pytest.approx(ref_losses[STEPS], rel=LOSS_TOL["rtol"], abs=LOSS_TOL["atol"])
     moved = max((resumed["weights"][k] - v).abs().max().item() for k, v in dp2_weights.items())
     assert moved > 1e-4, "the resumed step did not update the weights"
     for k, v in ref_weights.items():  # optimizer moments carried over: the 4th update matches
-        torch.testing.assert_close(resumed["weights"][k], v, **WEIGHT_TOL, msg=k)
+        torch.testing.assert_close(resumed["weights"][k], v, **WEIGHT_TOL,
+                                   msg=lambda m: f"{tmp_path.name} {k} {m}")
 
 
 def test_config_names_bad_values():

@@ -3,9 +3,10 @@
 Two gloo processes, EP = 2, float64: each rank routes its own local batch; the reference runs both
 local batches through the unsharded model in one process (loss = the global batch's mean).
 Gradient convention of `apply_expert_parallel`: expert gradients come out scaled by 1/ep, so that
-averaging dense gradients over ranks gives the global mean loss's gradient everywhere. Both megatron dispatchers (all-to-all,
-all-gather) and both routers (expert choice, token choice with drops) run in the same two processes,
-one after another (megatron's import and parallel_state set-up are paid once).
+averaging dense gradients over ranks gives the global mean loss's gradient everywhere.
+Both megatron dispatchers (all-to-all, all-gather) and both routers (expert choice, token choice
+with drops) run in the same two processes, one after another (megatron's import and parallel_state
+set-up are paid once).
 """
 
 import copy
