@@ -16,7 +16,7 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _parity(rank, world, ep, router, steps):
+def _parity(rank, world, ep, router, steps, dispatcher="alltoall", dp_replicate=1):
     from model.dit import DiT
     from parallel.mesh import ParallelConfig, build_mesh
     from parallel.parallelize import parallelize
@@ -24,7 +24,7 @@ def _parity(rank, world, ep, router, steps):
 
     model, cfg = tiny_model("tiny-ec", moe=dict(router=router, group="tokens", group_size=32))
     ref = copy.deepcopy(model)
-    pcfg = ParallelConfig(ep=ep).resolved(world, cfg.moe.num_experts)
+    pcfg = ParallelConfig(ep=ep, dispatcher=dispatcher, dp_replicate=dp_replicate).resolved(world, cfg.moe.num_experts)
     mesh = build_mesh(pcfg, world)
     parallelize(model, mesh, pcfg)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
@@ -52,12 +52,16 @@ def _parity(rank, world, ep, router, steps):
         assert w1.to_local().shape[0] <= cfg.moe.num_experts // ep  # experts really are split
 
 
-@pytest.mark.parametrize("world, ep, router", [
-    (2, 2, "expert_choice"), (2, 2, "token_choice"), (2, 1, "expert_choice"),
-    (4, 2, "expert_choice"), (4, 4, "token_choice"),
+@pytest.mark.parametrize("world, ep, router, dispatcher, dp_replicate", [
+    (2, 2, "expert_choice", "alltoall", 1), (2, 2, "token_choice", "alltoall", 1),
+    (2, 1, "expert_choice", "alltoall", 1), (4, 2, "expert_choice", "alltoall", 1),
+    (4, 4, "token_choice", "alltoall", 1),
+    (2, 2, "expert_choice", "megatron_alltoall", 1), (4, 2, "token_choice", "megatron_allgather", 1),
+    (4, 4, "expert_choice", "megatron_alltoall", 1),
+    (4, 2, "expert_choice", "alltoall", 2),  # HSDP: replicate x (shard over ep)
 ])
-def test_ep_fsdp_matches_single_process(tmp_path, world, ep, router):
-    run_workers(_parity, world, tmp_path, ep, router, 3)
+def test_ep_fsdp_matches_single_process(tmp_path, world, ep, router, dispatcher, dp_replicate):
+    run_workers(_parity, world, tmp_path, ep, router, 3, dispatcher, dp_replicate)
 
 
 def _meta_init(rank, world):
@@ -69,21 +73,23 @@ def _meta_init(rank, world):
     cfg = get_preset("tiny-ec")
     with torch.device("meta"):
         model = DiT(cfg)
-    pcfg = ParallelConfig(ep=2, activation_checkpointing=True).resolved(world, cfg.moe.num_experts)
+    # Activation checkpointing and FSDP2 mixed precision (bf16 compute, fp32 reduce) on top.
+    pcfg = ParallelConfig(ep=2, activation_checkpointing=True, param_dtype="bf16").resolved(world, cfg.moe.num_experts)
     parallelize(model, build_mesh(pcfg, world), pcfg)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
     out = model(x, torch.rand(2), torch.randn(2, cfg.text_len, cfg.text_dim))
-    out.pred.square().mean().backward()
+    assert out.pred.dtype == torch.bfloat16
+    out.pred.float().square().mean().backward()
     for name, p in model.named_parameters():
         assert torch.isfinite(full(p.data)).all() and p.grad is not None, name
     w1 = model.blocks[1].ffn.experts.w1
     assert w1.to_local().shape[0] == cfg.moe.num_experts // 2 // 1
 
 
-def test_meta_build_parallelize_then_init(tmp_path):
+def test_meta_build_parallelize_ac_bf16_then_init(tmp_path):
     run_workers(_meta_init, 2, tmp_path)
 
 
