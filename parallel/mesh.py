@@ -29,6 +29,8 @@ class ParallelConfig:
     fsdp: bool = True  # FSDP2 over the data-parallel dims (else plain replicas, grads all-reduced by caller)
     activation_checkpointing: bool = False  # per block
     param_dtype: str = "fp32"  # "bf16": FSDP2 mixed precision (bf16 params/compute, fp32 reduce) — GPU
+    engine: str = "fsdp"  # fsdp (this module's mesh + parallel/parallelize.py) | deepspeed (ZeRO)
+    zero_stage: int = 2  # engine=deepspeed: ZeRO stage 2 or 3
 
     def resolved(self, world_size: int, num_experts: int | None = None) -> "ParallelConfig":
         """Validate against the world size and the model's experts; fill dp_shard = -1."""
@@ -49,6 +51,10 @@ class ParallelConfig:
             raise ParallelConfigError(f"model.moe.num_experts={num_experts} must be divisible by {p}.ep={self.ep}")
         if self.dispatcher not in DISPATCHERS:
             raise ParallelConfigError(f"{p}.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
+        if self.engine not in ("fsdp", "deepspeed"):
+            raise ParallelConfigError(f"{p}.engine={self.engine!r} must be 'fsdp' or 'deepspeed'")
+        if self.zero_stage not in (2, 3):
+            raise ParallelConfigError(f"{p}.zero_stage={self.zero_stage} must be 2 or 3")
         if self.param_dtype not in ("fp32", "bf16"):
             raise ParallelConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
         from dataclasses import replace

@@ -124,15 +124,17 @@ class Checkpointer:
 
     # -- saving --
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             train_state: dict | None = None, config: dict | None = None) -> None:
-        """Save model + optimizer (sharded) and this rank's JSON-able `train_state`; collective."""
+             train_state: dict | None = None, config: dict | None = None,
+             extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Save model + optimizer (sharded), `extra` tensor dicts (e.g. the EMA weights, sharded like the
+        model) and this rank's JSON-able `train_state`; collective."""
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "train").mkdir(parents=True)
         _barrier()
-        state = _app_state(model, optimizer)
+        state = {**_app_state(model, optimizer), **(extra or {})}
         (tmp / "train" / f"rank{_rank():05d}.json").write_text(json.dumps(train_state or {}))
         meta = {"step": step, "world_size": _world(), "config": config}
         if self.async_save:
@@ -168,14 +170,15 @@ class Checkpointer:
         _barrier()
 
     # -- loading --
-    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
-             ) -> dict | None:
-        """Load into an already parallelized model (any world / EP size); returns this rank's train
-        state, or None when the checkpoint was written at another world size."""
+    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict | None:
+        """Load into an already parallelized model (any world / EP size) and, in place, into the `extra`
+        tensor dicts; returns this rank's train state, or None when the checkpoint was written at another
+        world size."""
         path = Path(path)
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no meta.json)")
-        state = _app_state(model, optimizer)
+        state = {**_app_state(model, optimizer), **(extra or {})}
         dcp.load(state, checkpoint_id=str(path))
         if optimizer is None:
             set_model_state_dict(model, state["model"])

@@ -1,0 +1,78 @@
+"""Hydra entry point: `python -m train [overrides]`, `torchrun ... -m train [overrides]`,
+`deepspeed --num_gpus N train/__main__.py [overrides]`.
+
+Examples:
+    python -m train experiment=cpu_small train.steps=50
+    torchrun --nproc_per_node=2 -m train experiment=cpu_small
+    python -m train model=ec-xl-8e parallel=fsdp_ep parallel.ep=8 data=latent_shards data.shards=...
+
+Only rank 0 writes Hydra's files into the run directory (train.run_dir, the same on every rank).
+Bad overrides fail before any process group is created, with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (the deepspeed launcher): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _prepare_argv(argv: list[str]) -> list[str]:
+    """Strip the `--local_rank=N` the deepspeed launcher appends (Hydra rejects it); on ranks other
+    than 0, keep Hydra from writing its config files and logs."""
+    out = []
+    for a in argv:
+        if a.startswith("--local_rank") or a.startswith("--local-rank"):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1] if "=" in a else "0")
+            continue
+        out.append(a)
+    if int(os.environ.get("RANK", 0)) != 0:
+        out += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return out
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0]] + _prepare_argv(sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import hydra
+    from omegaconf import OmegaConf
+
+    from train.config import AppConfigError, register
+    register()
+    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+
+    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
+    def _app(cfg) -> None:
+        from train.config import AppConfig
+        from train.trainer import StopTraining, run
+        app: AppConfig = OmegaConf.to_object(cfg)
+        try:
+            summary = run(app)
+        except (AppConfigError, StopTraining) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if int(os.environ.get("RANK", 0)) == 0:
+            _print_summary(summary, sys.argv[1:])
+
+    _app()
+
+
+def _print_summary(s: dict, overrides: list[str]) -> None:
+    print("\n[train] done" if not s.get("stopped_by_signal") else "\n[train] stopped by signal", flush=True)
+    print(f"  steps:        {s['step']}  (loss {s['first_loss']} -> {s['last_loss']})")
+    print(f"  run dir:      {s['run_dir']}  (metrics.jsonl, .hydra/config.yaml)")
+    print(f"  checkpoints:  {s['checkpoints']}")
+    if s.get("wandb_dir"):
+        print(f"  wandb:        {s['wandb_dir']}  (offline: `wandb sync {s['wandb_dir']}`)")
+    for key in ("sample_grid", "expert_heatmap"):
+        if key in s:
+            print(f"  {key.replace('_', ' '):<13} {s[key]}")
+    print(f"  resume:       rerun the same command (train.resume=auto picks the latest checkpoint)")
+
+
+if __name__ == "__main__":
+    main()

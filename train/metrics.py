@@ -1,0 +1,125 @@
+"""Run metrics: wandb (offline by default; a wandb failure never stops training), a console progress
+line, and a JSONL log of every logged step (metrics.jsonl in the run directory). Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s of known accelerators, for MFU (train.peak_tflops overrides).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def moe_scalars(moe_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Per MoE layer: load of every expert (fraction of the layer's slots), fraction of tokens processed
+    by 0, 1, ..., E experts, router entropy, and token choice's drop rate / aux loss."""
+    out: dict[str, float] = {}
+    for i, s in enumerate(moe_stats):
+        p = f"moe/layer{i}"
+        load = s["tokens_per_expert"].float()
+        for e, v in enumerate((load / load.sum().clamp_min(1)).tolist()):
+            out[f"{p}/load/e{e}"] = v
+        for k, v in enumerate(s["experts_per_token_frac"].tolist()):
+            out[f"{p}/tokens_by_{k}_experts"] = v
+        out[f"{p}/router_entropy"] = float(s["router_entropy"])
+        out[f"{p}/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+        for key in ("drop_rate", "aux_loss"):
+            if key in s:
+                out[f"{p}/{key}"] = float(s[key])
+    return out
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, config: dict, enabled: bool, wandb_mode: str = "offline",
+                 project: str = "ecdit", name: str = "run"):
+        self.enabled = enabled
+        self.run = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if wandb_mode == "disabled":
+            return
+        try:
+            import wandb
+            id_file = run_dir / "wandb_id.txt"  # one wandb run across resumes
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            mode = wandb_mode if (wandb_mode != "online" or os.environ.get("WANDB_API_KEY")) else "offline"
+            self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
+                                  dir=str(run_dir), config=config)
+        except Exception as e:  # noqa: BLE001 - metrics must never kill training
+            print(f"[metrics] wandb disabled: {type(e).__name__}: {e}", file=sys.stderr)
+            self.run = None
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self.run is None else str(Path(self.run.dir).parent)
+
+    def log(self, data: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **data}) + "\n")
+        self.jsonl.flush()
+        self._wandb(lambda run: run.log(data, step=step))
+
+    def log_image(self, key: str, image, step: int, caption: str = "") -> None:
+        if self.enabled:
+            self._wandb(lambda run: run.log({key: __import__("wandb").Image(image, caption=caption)}, step=step))
+
+    def _wandb(self, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(self.run)
+        except Exception as e:  # noqa: BLE001
+            print(f"[metrics] wandb error ignored: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.run is not None:
+            self._wandb(lambda run: run.finish())
+
+
+class Progress:
+    """Console line: step, loss, step/s, samples/s, tokens/s, ETA, MFU."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total, self.t0, self.s0 = total_steps, time.perf_counter(), start_step
+
+    def line(self, step: int, loss: float, samples: int, tokens: int, flops: float | None,
+             peak: float | None, extra: str = "") -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        steps = max(step - self.s0, 1)
+        sps = steps / dt
+        eta = (self.total - step) / sps
+        mfu = f" MFU {flops * sps / peak:6.1%}" if (flops and peak) else ""
+        return (f"step {step:>7}/{self.total} loss {loss:.4f} | {sps:5.2f} step/s {samples * sps:8.1f} samples/s "
+                f"{tokens * sps:9.0f} tokens/s | ETA {_hms(eta)}{mfu}{extra}")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"

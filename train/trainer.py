@@ -1,0 +1,311 @@
+"""The training loop: data -> frozen encoders -> masked rectified-flow loss -> backward -> clip ->
+optimizer -> LR schedule -> EMA, with exact resume, non-finite-loss handling and signal-driven
+checkpoints (SIGTERM / SIGUSR1: save and exit cleanly, for slurm requeue).
+
+Everything that can be validated is validated before the process group is created (train/config.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from data import FrozenEncoders, TooManyBadSamples, make_loader
+from model.config import config_to_dict
+from model.dit import DiT, build_model
+from model.flops import train_step_flops
+from model.flow import flow_loss
+from parallel.mesh import build_mesh
+from parallel.parallelize import parallelize
+
+from .checkpoint import Checkpointer, capture_rng, restore_rng
+from .config import AppConfig, to_container, validate_app
+from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
+from .state import TrainState
+
+
+class StopTraining(RuntimeError):
+    """A condition that ends the run with a clear message (non-finite losses, too many bad samples)."""
+
+
+def _log0(msg: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"[train] {msg}", flush=True)
+
+
+def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, replicas: int, distributed: bool) -> float:
+    """Global gradient norm over all shards, clipped to `max_norm`. FSDP2/EP shards are disjoint across
+    ranks, so the squared norms of the local shards sum to the global one (divided by the number of
+    replicas of each shard, `replicas` = dp_replicate, or the world size without FSDP)."""
+    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    if distributed:
+        dist.all_reduce(sq)
+        sq = sq / replicas
+    norm = sq.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+@torch.no_grad()
+def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
+    """Plain data parallelism (no FSDP): average the replicas' gradients."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _threads(cfg) -> int:
+    if cfg.train.threads > 0:
+        return cfg.train.threads
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def run(cfg: AppConfig) -> dict:
+    """Train as configured; returns a summary (paths, first/last loss, steps)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    mcfg, pcfg = validate_app(cfg, world)  # before any process group
+    tc = cfg.train
+    torch.set_num_threads(_threads(cfg))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run_dir = Path(tc.run_dir)
+    config_dict = to_container(cfg)
+    config_dict["model_resolved"] = config_to_dict(mcfg)
+    signals = _Signals()
+    try:
+        return _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _build(mcfg, pcfg, tc, world, device) -> DiT:
+    if pcfg.engine != "fsdp":
+        raise NotImplementedError("parallel.engine=deepspeed runs through parallel/deepspeed.py "
+                                  "(build_engine/train_step); the Hydra trainer drives FSDP2 + EP")
+    mesh = build_mesh(pcfg, world, device.type) if world > 1 else None
+    if tc.meta_init:
+        with torch.device("meta"):
+            model = DiT(mcfg)
+        if mesh is not None:
+            parallelize(model, mesh, pcfg)
+        model.to_empty(device=device)
+        torch.manual_seed(tc.seed)
+        model.init_weights()
+        return model
+    model = build_model(mcfg, device=device, seed=tc.seed)  # same weights on every rank
+    if mesh is not None and (pcfg.fsdp or pcfg.ep > 1 or pcfg.activation_checkpointing):
+        parallelize(model, mesh, pcfg)
+    return model
+
+
+def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) -> dict:
+    tc, distributed = cfg.train, world > 1
+    model = _build(mcfg, pcfg, tc, world, device)
+    sharded = distributed and (pcfg.fsdp or pcfg.ep > 1)
+    opt = _optimizer(model, cfg.optim)
+    sched = _schedule(opt, cfg.optim, tc.steps)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
+    encoders = FrozenEncoders(cfg.data, device) if cfg.data.kind == "image" else None
+    loader = make_loader(cfg.data, rank=rank, world_size=world, transform=encoders)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last, async_save=tc.async_ckpt)
+    metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=tc.wandb_mode,
+                      project=tc.wandb_project, name=tc.name)
+    state = TrainState()
+    torch.manual_seed(tc.seed * 1_000_003 + rank)  # ranks draw different noise, timesteps and masks
+    resume_from = {"auto": ckpt.latest(), "none": None}.get(tc.resume, tc.resume)
+    if resume_from is not None:
+        saved = ckpt.load(resume_from, model, opt, extra={"ema": ema} if ema is not None else None)
+        if saved is None:
+            _log0(f"resumed weights from {resume_from} (saved at another world size: data position and "
+                  "RNG start afresh)")
+            import json
+            state.step = json.loads((Path(resume_from) / "meta.json").read_text())["step"]
+            sched.last_epoch = state.step
+        else:
+            state = TrainState.from_dict(saved)
+            sched.load_state_dict(state.schedule)
+            restore_rng(state.rng)
+            loader.load_state_dict(state.data)
+            _log0(f"resumed from {resume_from} at step {state.step}")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if (tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda"))
+                else nullcontext())
+    images_per_step = cfg.data.batch_size * world * tc.grad_accum
+    tokens_per_step = images_per_step * mcfg.kept_tokens
+    flops = train_step_flops(mcfg, images_per_step, text_len=mcfg.text_len)
+    peak = device_peak_flops(device, tc.peak_tflops)
+    progress = Progress(tc.steps, state.step)
+    replicas = pcfg.dp_replicate if sharded else world
+    _log0(f"{mcfg.name}: {sum(p.numel() for p in model.parameters())} local params, {world} ranks, "
+          f"ep {pcfg.ep}, {images_per_step} images/step, run dir {run_dir}")
+
+    def save(step_state: TrainState) -> None:
+        step_state.schedule = sched.state_dict()
+        step_state.rng = capture_rng()
+        step_state.data = loader.state_dict()
+        ckpt.save(step_state.step, model, opt, train_state=step_state.to_dict(), config=config_dict,
+                  extra={"ema": ema} if ema is not None else None)
+
+    first_loss = last_loss = None
+    last_saved = state.step if resume_from is not None else -1
+    batches = iter(loader)
+    stats = []
+    while state.step < tc.steps:
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(tc.grad_accum):
+            try:
+                batch = next(batches)
+            except TooManyBadSamples as e:
+                raise StopTraining(str(e)) from e
+            x0 = batch["latent"].to(device, non_blocking=True)
+            ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)
+            mask = batch["text_mask"].to(device)
+            with autocast:
+                out = flow_loss(model, x0, ctx, mask, cfg.flow)
+            (out["loss"] / tc.grad_accum).backward()
+            loss_sum += out["flow_loss"].float() / tc.grad_accum
+            stats = out["out"].moe_stats
+        finite = torch.isfinite(loss_sum).float()
+        loss_avg = loss_sum.detach().clone()
+        stop = torch.tensor(float(signals.received is not None), device=device)
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            dist.all_reduce(loss_avg)
+            loss_avg /= world
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        state.step += 1
+        state.samples_seen += images_per_step
+        if finite.item() < 1:
+            state.nan_streak += 1
+            state.nan_total += 1
+            opt.zero_grad(set_to_none=True)
+            _log0(f"step {state.step}: non-finite loss, update skipped ({state.nan_streak} in a row)")
+            if state.nan_streak >= tc.max_nan_steps:
+                raise StopTraining(f"{state.nan_streak} non-finite losses in a row (train.max_nan_steps="
+                                   f"{tc.max_nan_steps}); last good checkpoint: {ckpt.latest()}")
+        else:
+            state.nan_streak = 0
+            if distributed and not sharded:
+                _all_reduce_grads(model, world)
+            grad_norm = clip_grad_norm(model, cfg.optim.grad_clip, replicas, sharded)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        ema[n].lerp_(p.detach(), 1 - tc.ema_decay)
+            loss_value = loss_avg.item()
+            first_loss = loss_value if first_loss is None else first_loss
+            last_loss = loss_value
+            if state.step % tc.log_every == 0 or state.step == tc.steps:
+                data = {"loss": loss_value, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                        "samples_seen": state.samples_seen, "nan_total": state.nan_total}
+                data.update(moe_scalars(stats))
+                metrics.log(data, state.step)
+                _log0(progress.line(state.step, loss_value, images_per_step, tokens_per_step, flops, peak))
+        if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop.item() > 0:
+            save(state)
+            last_saved = state.step
+        if stop.item() > 0:
+            _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
+            break
+    ckpt.wait()
+    if last_saved != state.step:
+        save(state)
+        ckpt.wait()
+    summary = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"), "step": state.step,
+               "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
+               "stopped_by_signal": signals.received is not None}
+    if signals.received is None and state.step >= tc.steps:
+        summary.update(_final_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
+    metrics.close()
+    return summary
+
+
+def _final_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:
+    """Sample grid for the fixed prompts and the expert-count heatmap of the paper's Fig. 6 (every rank
+    computes, since the sharded model's forward is collective; rank 0 writes)."""
+    from data import load_text_encoder, load_vae
+
+    from .sample import decode, generate_latents, routing_maps
+    from .visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
+    prompts = list(cfg.train.sample_prompts)
+    text = load_text_encoder(cfg.data, device)
+    latents = generate_latents(model, text, prompts, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
+                               seed=cfg.train.seed, batch_size=len(prompts), routing="sample")
+    images = decode(load_vae(cfg.data, device), latents)
+    maps = routing_maps(model, text, prompts, latents, t=0.5, seed=cfg.train.seed) if model.cfg.moe else []
+    if rank != 0:
+        return {}
+    out = {}
+    grid = image_grid(images, nrow=len(prompts), captions=prompts)
+    out["sample_grid"] = str(save_png(grid, run_dir / "samples" / f"grid_step{step:08d}.png"))
+    metrics.log_image("samples", grid, step, caption=" | ".join(prompts))
+    if maps:
+        heat = expert_heatmap_layers(maps, batch=len(prompts), grid=model.cfg.grid,
+                                     num_experts=model.cfg.moe.num_experts, images=images,
+                                     layer_names=moe_layer_names(model.cfg.num_moe_blocks, model.cfg.moe_every))
+        out["expert_heatmap"] = str(save_png(heat, run_dir / "samples" / f"experts_step{step:08d}.png"))
+        metrics.log_image("expert_heatmap", heat, step)
+    return out
