@@ -1,0 +1,207 @@
+"""Sampler: matches a hand-rolled CFG Euler loop, is batch-independent with per-sample routing (and
+batch-dependent with token groups spanning images, so the check means something); the CLI end to end
+on a DCP step checkpoint and on a safetensors export; one-line errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.encoders import PixelVAE
+from model.flow import cfg_velocity, euler_sample
+from tests.model.helpers import tiny_model
+from train.sample import (SampleError, check_compatible, generate, main, noise_seed, prompt_noise,
+                          resolve_checkpoint, slug)
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow diamond", "three cyan circles"]
+
+
+class FakeText:
+    """Deterministic per-caption embeddings [B, L, dim] with a padding mask (words + 1 tokens)."""
+
+    def __init__(self, dim=32, max_len=8):
+        self.dim, self.max_len = dim, max_len
+
+    def __call__(self, captions):
+        B, L = len(captions), self.max_len
+        emb, mask = torch.zeros(B, L, self.dim), torch.zeros(B, L, dtype=torch.bool)
+        for i, c in enumerate(captions):
+            n = min(L, len(c.split()) + 1)
+            g = torch.Generator().manual_seed(zlib.crc32(c.encode()))
+            emb[i, :n] = torch.randn(n, self.dim, generator=g)
+            mask[i, :n] = True
+        return emb, mask
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, cfg = tiny_model("tiny-ec", in_channels=3)  # fp64, random non-zero weights, 4x4 tokens, 4 experts
+    return model.eval(), cfg
+
+
+def _gen(model, prompts, **kw):
+    kw = {"steps": 3, "guidance": 4.0, "seed": 0, "batch_size": 8, "routing": "sample", **kw}
+    return generate(model, FakeText(), PixelVAE(), prompts, **kw)
+
+
+def test_generate_equals_a_hand_rolled_cfg_euler_loop(tiny):
+    model, cfg = tiny
+    model.set_inference_routing("sample")
+    emb, mask = FakeText()(PROMPTS)
+    noise = torch.stack([prompt_noise(7, i, (3, 8, 8)) for i in range(len(PROMPTS))]).double()
+    ref = euler_sample(cfg_velocity(model, emb.double(), mask, 3.0), noise, steps=4).clamp(-1, 1)
+    out = _gen(model, PROMPTS, steps=4, guidance=3.0, seed=7)
+    assert out.shape == (4, 3, 8, 8) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), rtol=0, atol=1e-6)
+    assert out.std() > 0.1 and out.abs().max() <= 1.0
+    # text conditioning and seed matter; the same seed reproduces
+    assert (out[0] - out[1]).abs().max() > 1e-2
+    assert (out - _gen(model, PROMPTS, steps=4, guidance=3.0, seed=8)).abs().max() > 1e-2
+    assert torch.equal(out, _gen(model, PROMPTS, steps=4, guidance=3.0, seed=7))
+
+
+def test_noise_depends_only_on_seed_and_index():
+    a = prompt_noise(0, 3, (3, 4, 4))
+    assert torch.equal(a, prompt_noise(0, 3, (3, 4, 4)))
+    assert not torch.equal(a, prompt_noise(0, 2, (3, 4, 4))) and not torch.equal(a, prompt_noise(1, 3, (3, 4, 4)))
+    assert len({noise_seed(s, i) for s in range(5) for i in range(5)}) == 25
+
+
+def test_sample_routing_is_batch_independent_and_token_groups_are_not(tiny):
+    model, cfg = tiny
+    routers_before = [(b.ffn.router.inference_group, b.ffn.router.inference_group_size)
+                      for b in model.blocks if b.is_moe]
+    full = _gen(model, PROMPTS, batch_size=4)
+    for bs in (1, 3):
+        torch.testing.assert_close(_gen(model, PROMPTS, batch_size=bs), full, rtol=0, atol=1e-6)
+    alone = _gen(model, PROMPTS[:1])  # prompt 0 alone in its batch
+    torch.testing.assert_close(alone[0], full[0], rtol=0, atol=1e-6)
+    # Token groups of 64 = 4 images (S = 16): with 4 prompts per batch, images share routing groups
+    # (the CFG batch of 8 images splits into 2 groups); alone, an image routes only with its own CFG pair.
+    tok_full = _gen(model, PROMPTS, batch_size=4, routing="tokens", group_size=64)
+    tok_alone = _gen(model, PROMPTS, batch_size=1, routing="tokens", group_size=64)
+    assert (tok_full - tok_alone).abs().max() > 1e-3
+    assert (tok_full - full).abs().max() > 1e-3
+    # the model's mode and routing settings are restored
+    assert not model.training
+    assert [(b.ffn.router.inference_group, b.ffn.router.inference_group_size)
+            for b in model.blocks if b.is_moe] == routers_before
+
+
+def test_generate_rejects_bad_arguments(tiny):
+    model, _ = tiny
+    with pytest.raises(SampleError, match="routing='experts'"):
+        _gen(model, PROMPTS, routing="experts")
+    with pytest.raises(SampleError, match="no prompts"):
+        _gen(model, [])
+    with pytest.raises(SampleError, match="group_size=48"):  # 2 * 4 * 16 = 128 tokens
+        _gen(model, PROMPTS, batch_size=4, routing="tokens", group_size=48)
+    with pytest.raises(SampleError, match="steps=0"):
+        _gen(model, PROMPTS, steps=0)
+
+
+def test_check_compatible_names_the_mismatch(tiny):
+    _, cfg = tiny
+    dcfg = SimpleNamespace(text_encoder="minilm", vae="pixel")
+    with pytest.raises(SampleError, match="384-dim.*text_dim=32"):
+        check_compatible(cfg, SimpleNamespace(dim=384), PixelVAE(), dcfg)
+    with pytest.raises(SampleError, match="4 latent channels.*in_channels=3"):
+        check_compatible(cfg, SimpleNamespace(dim=32), SimpleNamespace(latent_channels=4), dcfg)
+    check_compatible(cfg, SimpleNamespace(dim=32), PixelVAE(), dcfg)
+
+
+def test_slug():
+    assert slug("Two RED circles, left of a square!") == "two_red_circles_left_of_a_square"
+    assert slug("!!!") == "prompt"
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny EC model for the embedded encoders (MiniLM 384-dim, pixel VAE 3 channels), saved as two DCP
+    step checkpoints (the CLI picks the latest) and as a safetensors export."""
+    from model.config import config_to_dict
+    from train.checkpoint import Checkpointer, export_safetensors
+
+    root = tmp_path_factory.mktemp("sample_cli")
+    model, cfg = tiny_model("tiny-ec", dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
+    run_cfg = {"model": config_to_dict(cfg), "data": {"text_encoder": "minilm", "vae": "pixel", "max_text_len": 8,
+                                                     "image_size": 8, "shards": "ignored"}}
+    ck = Checkpointer(root / "ckpt")
+    old, _ = tiny_model("tiny-ec", seed=5, dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
+    ck.save(1, old, config=run_cfg)  # an older step with other weights
+    ck.save(2, model, config=run_cfg)
+    export_safetensors(model, root / "export")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS[:3]) + "\n\n")
+    return root
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "train.sample", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _png(path):
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def test_cli_checkpoint_and_export_give_the_same_images(saved):
+    assert resolve_checkpoint(saved / "ckpt") == ("step", saved / "ckpt" / "step_00000002")
+    out_ck, out_ex = saved / "out_ck", saved / "out_ex"
+    r = _cli("--checkpoint", str(saved / "ckpt"), "--prompts", *PROMPTS[:3], "--steps", "3", "--seed", "3",
+             "--batch-size", "2", "--out", str(out_ck), "--heatmap")
+    assert r.returncode == 0, r.stderr
+    assert "step_00000002" in r.stdout and str(out_ck) in r.stdout
+    r = _cli("--checkpoint", str(saved / "export"), "--prompt-file", str(saved / "prompts.txt"), "--steps", "3",
+             "--seed", "3", "--batch-size", "2", "--out", str(out_ex))
+    assert r.returncode == 0, r.stderr
+
+    for out in (out_ck, out_ex):
+        meta = json.loads((out / "samples.json").read_text())
+        assert [s["prompt"] for s in meta["samples"]] == PROMPTS[:3]
+        assert [s["file"] for s in meta["samples"]] == [f"{i:03d}_{slug(p)}.png" for i, p in enumerate(PROMPTS[:3])]
+        assert all(s["seed"] == 3 for s in meta["samples"]) and meta["steps"] == 3 and meta["routing"] == "sample"
+        assert Image.open(out / "grid.png").width >= 3 * 8 * 3  # upscaled tiles
+    for s in json.loads((out_ck / "samples.json").read_text())["samples"]:
+        a, b = _png(out_ck / s["file"]), _png(out_ex / s["file"])
+        assert a.shape == (8, 8, 3) and a.std() > 5
+        np.testing.assert_array_equal(a, b)
+    a0, a1 = _png(out_ck / "000_a_red_circle.png"), _png(out_ck / f"001_{slug(PROMPTS[1])}.png")
+    assert np.abs(a0.astype(int) - a1).max() > 10
+    assert (out_ck / "experts.png").is_file() and not (out_ex / "experts.png").exists()
+
+
+def test_cli_bad_input_fails_with_one_line(saved, tmp_path, capsys):
+    ck = str(saved / "ckpt")
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope"), "--prompts", "x"], "--checkpoint"),
+        (["--checkpoint", str(tmp_path), "--prompts", "x"], "no complete step_"),
+        (["--checkpoint", ck], "no prompts"),
+        (["--checkpoint", ck, "--prompt-file", str(tmp_path / "missing.txt")], "--prompt-file"),
+        (["--checkpoint", ck, "--prompts", "x", "--routing", "sample", "--group-size", "64"], "--group-size"),
+        (["--checkpoint", ck, "--prompts", "x", "--steps", "0"], "--steps"),
+    ]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    cases.append((["--checkpoint", ck, "--prompt-file", str(tmp_path / "empty.txt")], "no prompts"))
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", ck, "--prompts", "x", "--routing", "experts"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--routing" in err and "experts" in err and err.count("\n") == 1
+    r = _cli("--checkpoint", str(tmp_path / "nope"), "--prompts", "x")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: --checkpoint {tmp_path / 'nope'} does not exist"]
