@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
     p.add_argument("--heatmap", action="store_true",
-                   help="also write experts.png: experts per token of each MoE layer (Fig. 6)")
+                   help="also write experts.png: experts per token of each MoE layer (Fig. 6), routed per sample")
     p.add_argument("--heatmap-t", type=float, default=0.5, help="noise level t of the heatmap forward")
     g = p.add_argument_group("encoders (default: the run's config.json 'data', else the DataConfig defaults)")
     g.add_argument("--text-encoder", choices=("minilm", "t5"), default=None)

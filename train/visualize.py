@@ -122,19 +122,24 @@ def expert_count_maps(expert_count_T: torch.Tensor, batch: int, grid: int) -> np
 
 
 def _legend(num_experts: int, swatch: int, font) -> Image.Image:
-    """A row of E+1 colour swatches labelled 0 .. E: 'experts per token'."""
+    """A row of E+1 colour swatches 0 .. E ('experts per token'); every level is labelled up to 16
+    experts, else a thin bar labelled at 0, E/2 and E."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title = "experts per token:"
     tw, th = _text_size(probe, title, font)
-    label_w = max(_text_size(probe, str(num_experts), font)[0] + 4, swatch)
-    img = Image.new("RGB", (tw + 6 + (num_experts + 1) * (label_w + 2), max(swatch, th) + th + 4), BACKGROUND)
+    few = num_experts <= 16
+    step = max(_text_size(probe, str(num_experts), font)[0] + 4, swatch) + 2 if few else 3
+    labels = set(range(num_experts + 1)) if few else {0, num_experts // 2, num_experts}
+    last_w = _text_size(probe, str(num_experts), font)[0]
+    img = Image.new("RGB", (tw + 6 + num_experts * step + max(swatch, last_w) + 2, swatch + th + 4), BACKGROUND)
     draw = ImageDraw.Draw(img)
     draw.text((0, 0), title, fill=TEXT_COLOR, font=font)
     colors = colormap(np.arange(num_experts + 1), num_experts)
     for v in range(num_experts + 1):
-        x = tw + 6 + v * (label_w + 2)
-        draw.rectangle((x, 0, x + swatch - 1, swatch - 1), fill=tuple(int(c) for c in colors[v]))
-        draw.text((x, swatch + 2), str(v), fill=TEXT_COLOR, font=font)
+        x = tw + 6 + v * step
+        draw.rectangle((x, 0, x + (swatch if few else step) - 1, swatch - 1), fill=tuple(int(c) for c in colors[v]))
+        if v in labels:
+            draw.text((x, swatch + 2), str(v), fill=TEXT_COLOR, font=font)
     return img
 
 
@@ -168,7 +173,7 @@ def expert_heatmap_layers(layer_counts: Sequence[torch.Tensor | dict], batch: in
     n_cols = len(counts_L) + (imgs is not None)
     width = pad + n_cols * (side + pad)
     height = pad + header_h + batch * (side + pad)
-    leg = _legend(num_experts, max(8, min(cell, 16)), font) if legend else None
+    leg = _legend(num_experts, max(12, min(cell, 16)), font) if legend else None
     if leg is not None:
         width = max(width, leg.width + 2 * pad)
         height += leg.height + pad

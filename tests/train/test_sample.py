@@ -127,6 +127,7 @@ def test_slug():
 # ---- CLI ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def saved(tmp_path_factory):
     """A tiny EC model for the embedded encoders (MiniLM 384-dim, pixel VAE 3 channels), saved as two DCP
     step checkpoints (the CLI picks the latest) and as a safetensors export."""
