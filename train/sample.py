@@ -4,7 +4,7 @@
     python -m train.sample --checkpoint export/ --prompt-file prompts.txt --steps 30 --guidance 4 --out samples/
 
 `--checkpoint` is a `step_*` directory written by train/checkpoint.py (the model is built from its
-config.json["model"]), a run's checkpoint root (its latest complete step is used), or a safetensors
+config.json["model_resolved"], or ["model"] when that is a full DiTConfig dict), a run's checkpoint root (its latest complete step is used), or a safetensors
 export folder (model.safetensors + config.json). Writes `000_<slug>.png` per prompt (native
 resolution), `grid.png` (captioned, upscaled) and `samples.json`; `--heatmap` adds `experts.png`
 (per image and MoE layer, how many experts processed each token: the paper's Fig. 6).
@@ -222,9 +222,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Di
         raise SampleError(f"--checkpoint {folder} has no config.json (the run config with the model under "
                           f"'model'); save with Checkpointer.save(..., config=...)")
     run_cfg = json.loads(cfg_file.read_text())
-    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("model"), dict):
-        raise SampleError(f"--checkpoint {folder}: config.json has no 'model' section")
-    cfg = config_from_dict(run_cfg["model"])
+    # The training app stores its model group (preset + overrides) under "model" and the full DiTConfig
+    # under "model_resolved"; a plain run config holds the DiTConfig under "model".
+    key = "model_resolved" if isinstance(run_cfg, dict) and "model_resolved" in run_cfg else "model"
+    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get(key), dict):
+        raise SampleError(f"--checkpoint {folder}: config.json has no 'model_resolved' or 'model' section")
+    try:
+        cfg = config_from_dict(run_cfg[key])
+    except (ConfigError, TypeError) as e:
+        raise SampleError(f"--checkpoint {folder}: config.json[{key!r}] is not a model config: {e}") from None
     model = build_model(cfg, device=device)
     # Single process: a Checkpointer rooted at the step dir itself (nothing to clean there).
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended here

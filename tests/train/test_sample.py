@@ -19,7 +19,7 @@ from PIL import Image
 from data.encoders import PixelVAE
 from model.flow import cfg_velocity, euler_sample
 from tests.model.helpers import tiny_model
-from train.sample import (SampleError, check_compatible, generate, main, noise_seed, prompt_noise,
+from train.sample import (SampleError, check_compatible, generate, load_model, main, noise_seed, prompt_noise,
                           resolve_checkpoint, slug)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,14 +136,16 @@ def saved(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sample_cli")
     model, cfg = tiny_model("tiny-ec", dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
-    run_cfg = {"model": config_to_dict(cfg), "data": {"text_encoder": "minilm", "vae": "pixel", "max_text_len": 8,
-                                                     "image_size": 8, "shards": "ignored"}}
+    data = {"text_encoder": "minilm", "vae": "pixel", "max_text_len": 8, "image_size": 8, "shards": "ignored"}
+    plain_cfg = {"model": config_to_dict(cfg), "data": data}
+    # the training app's layout: the model group under "model", the full DiTConfig under "model_resolved"
+    app_cfg = {"model": {"preset": "tiny-ec", "text_dim": 384}, "model_resolved": config_to_dict(cfg), "data": data}
     ck = Checkpointer(root / "ckpt")
     old, _ = tiny_model("tiny-ec", seed=5, dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process" (intended)
         warnings.simplefilter("ignore", UserWarning)
-        ck.save(1, old, config=run_cfg)  # an older step with other weights
-        ck.save(2, model, config=run_cfg)
+        ck.save(1, old, config=plain_cfg)  # an older step with other weights
+        ck.save(2, model, config=app_cfg)
     export_safetensors(model, root / "export")
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:3]) + "\n\n")
     return root
@@ -160,8 +162,25 @@ def _png(path):
     return np.array(Image.open(path).convert("RGB"))
 
 
-def test_cli_checkpoint_and_export_give_the_same_images(saved):
+def test_load_model_from_both_config_layouts(saved):
     assert resolve_checkpoint(saved / "ckpt") == ("step", saved / "ckpt" / "step_00000002")
+    m1, run1, _ = load_model(saved / "ckpt" / "step_00000001")
+    m2, run2, _ = load_model(saved / "ckpt")
+    ex, run_ex, _ = load_model(saved / "export" / "model.safetensors")
+    assert run_ex == {} and "model_resolved" in run2 and "model_resolved" not in run1
+    assert m1.cfg == m2.cfg == ex.cfg and not m2.training
+    sd1, sd2, sdx = m1.state_dict(), m2.state_dict(), ex.state_dict()
+    assert all(torch.equal(sd2[k], sdx[k]) for k in sd2)
+    assert any(not torch.equal(sd1[k], sd2[k]) for k in sd2)  # step 1 holds other weights
+    bad = saved / "bad_step"
+    bad.mkdir(exist_ok=True)
+    (bad / "meta.json").write_text("{}")
+    (bad / "config.json").write_text(json.dumps({"model": {"preset": "tiny-ec"}}))
+    with pytest.raises(SampleError, match="not a model config"):
+        load_model(bad)
+
+
+def test_cli_checkpoint_and_export_give_the_same_images(saved):
     out_ck, out_ex = saved / "out_ck", saved / "out_ex"
     r = _cli("--checkpoint", str(saved / "ckpt"), "--prompts", *PROMPTS[:3], "--steps", "3", "--seed", "3",
              "--batch-size", "2", "--out", str(out_ck), "--heatmap")
