@@ -348,6 +348,8 @@ def _run(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         raise SampleError(f"--device {args.device!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {args.device}: CUDA is not available on this machine")
 
     t0 = time.perf_counter()
     model, run_cfg, folder = load_model(args.checkpoint, device)
