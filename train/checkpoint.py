@@ -66,32 +66,33 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- RNG state as JSON --------------------------------------------------------------------------
 
-def _b64(t: torch.Tensor) -> str:
+def encode_state(t: torch.Tensor) -> str:
+    """A uint8 tensor (an RNG state) as base64 text."""
     return base64.b64encode(t.numpy().tobytes()).decode()
 
 
-def _unb64(s: str) -> torch.Tensor:
+def decode_state(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
 def capture_rng() -> dict:
     """This rank's RNG states (torch CPU and CUDA, Python, NumPy) as a JSON-able dict."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": _b64(torch.get_rng_state()), "python": repr(random.getstate()),
+    state = {"torch": encode_state(torch.get_rng_state()), "python": repr(random.getstate()),
              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = [encode_state(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng(state: dict) -> None:
     import ast
-    torch.set_rng_state(_unb64(state["torch"]))
+    torch.set_rng_state(decode_state(state["torch"]))
     random.setstate(ast.literal_eval(state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all([decode_state(s) for s in state["cuda"]])
 
 
 # ---- checkpointer -------------------------------------------------------------------------------

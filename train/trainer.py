@@ -27,7 +27,7 @@ from model.flow import flow_loss
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
 
-from .checkpoint import Checkpointer, capture_rng, restore_rng
+from .checkpoint import Checkpointer, encode_state, decode_state, capture_rng, restore_rng
 from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
 from .state import TrainState
@@ -171,7 +171,11 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=tc.wandb_mode,
                       project=tc.wandb_project, name=tc.name)
     state = TrainState()
-    torch.manual_seed(tc.seed * 1_000_003 + rank)  # ranks draw different noise, timesteps and masks
+    torch.manual_seed(tc.seed * 1_000_003 + rank)
+    # The loss's own RNG (noise, timesteps, MaskDiT masks, text dropout): a dedicated generator, so
+    # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
+    # Ranks draw differently.
+    flow_gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + rank)
     resume_from = {"auto": ckpt.latest(), "none": None}.get(tc.resume, tc.resume)
     if resume_from is not None:
         saved = ckpt.load(resume_from, model, opt, extra={"ema": ema} if ema is not None else None)
@@ -184,7 +188,6 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         else:
             state = TrainState.from_dict(saved)
             sched.load_state_dict(state.schedule)
-            restore_rng(state.rng)
             loader.load_state_dict(state.data)
             _log0(f"resumed from {resume_from} at step {state.step}")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -201,7 +204,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
 
     def save(step_state: TrainState) -> None:
         step_state.schedule = sched.state_dict()
-        step_state.rng = capture_rng()
+        step_state.rng = {**capture_rng(), "flow": encode_state(flow_gen.get_state().cpu())}
         step_state.data = loader.state_dict()
         ckpt.save(step_state.step, model, opt, train_state=step_state.to_dict(), config=config_dict,
                   extra={"ema": ema} if ema is not None else None)
@@ -209,6 +212,9 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     first_loss = last_loss = None
     last_saved = state.step if resume_from is not None else -1
     batches = iter(loader)
+    if state.rng:
+        restore_rng(state.rng)
+        flow_gen.set_state(decode_state(state.rng["flow"]))
     stats = []
     while state.step < tc.steps:
         opt.zero_grad(set_to_none=True)
@@ -222,7 +228,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)
             mask = batch["text_mask"].to(device)
             with autocast:
-                out = flow_loss(model, x0, ctx, mask, cfg.flow)
+                out = flow_loss(model, x0, ctx, mask, cfg.flow, generator=flow_gen)
             (out["loss"] / tc.grad_accum).backward()
             loss_sum += out["flow_loss"].float() / tc.grad_accum
             stats = out["out"].moe_stats

@@ -1,0 +1,138 @@
+"""The training app end to end through `python -m train`: single process and 2 processes, exact
+resume after SIGTERM, and bad overrides that fail naming the field."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "data.batch_size=4", "data.shuffle_buffer=50",
+        "model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "model.num_experts=4",
+        "model.group_size=256", "model.inference_group_size=256", "train.sample_steps=2",
+        "train.sample_prompts=[a red circle,two blue squares]", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shapes")
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--num-samples", "256",
+                    "--shard-size", "64"], cwd=ROOT, check=True, capture_output=True)
+    return f"data.shards='{out}/shapes-{{000000..000003}}.tar'"  # quoted: braces are Hydra syntax
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def train(args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def check_run(run_dir: Path, steps: int):
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts[-1] == f"step_{steps:08d}"
+    saved = json.loads((run_dir / "checkpoints" / ckpts[-1] / "config.json").read_text())
+    assert saved["model_resolved"]["moe"]["num_experts"] == 4  # the resolved config travels with it
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "moe/layer0/load/e0", "moe/layer0/tokens_by_0_experts"} <= set(rows[-1])
+    wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(wandb_files) == 1
+    blob = Path(wandb_files[0]).read_bytes()  # history records name their keys in plain bytes
+    for key in (b"loss", b"moe/layer0/load/e3", b"moe/layer0/router_entropy"):
+        assert key in blob, key
+    assert (run_dir / "samples").is_dir() and list((run_dir / "samples").glob("grid_step*.png"))
+
+
+def test_single_process_end_to_end(tmp_path, shapes):
+    proc = train([*BASE, shapes, f"train.run_dir={tmp_path}/run"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run(tmp_path / "run", 4)
+    assert "[train] done" in proc.stdout and "resume:" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_expert_parallel_end_to_end(tmp_path, shapes):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "train", "parallel=fsdp_ep", *BASE, shapes, f"train.run_dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks, ep 2" in proc.stdout
+    check_run(tmp_path / "run", 4)
+    # Only rank 0 writes Hydra's files and the metrics.
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shapes):
+    args = [*BASE, shapes, "train.steps=10", "train.ckpt_every=100"]
+    straight = train([*args, f"train.run_dir={tmp_path}/a"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args, f"train.run_dir={run_b}"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not ((run_b / "metrics.jsonl").exists() and len((run_b / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in out
+    stopped_at = max(losses(run_b))
+    assert 3 <= stopped_at < 10
+    assert [p.name for p in (run_b / "checkpoints").glob("step_*")] == [f"step_{stopped_at:08d}"]
+    resumed = train([*args, f"train.run_dir={run_b}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stdout
+    assert losses(run_b) == losses(tmp_path / "a")  # every step's loss, bit for bit
+
+
+@pytest.mark.parametrize("override, world, message", [
+    ("model.num_experts=3", "2", "model.num_experts=3 must be divisible by parallel.ep=2"),
+    ("model.preset=ec-xl-9e", "2", "model.preset='ec-xl-9e' is unknown"),
+    ("optim.lr=-1", "2", "optim.lr=-1.0 must be > 0"),
+    ("optim.lrr=1", "2", "lrr"),
+    ("parallel.ep=3", "2", "parallel.ep=3 must divide parallel.dp_shard=2"),
+])
+def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message):
+    # WORLD_SIZE as a launcher would set it; validation happens before any process group exists.
+    proc = train(["parallel=fsdp_ep", override, f"train.run_dir={tmp_path}/run"],
+                 env=_env(WORLD_SIZE=world, RANK="0"), timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+def test_multinode_script_two_nodes_on_localhost(tmp_path, shapes):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*BASE, shapes, "parallel=fsdp_ep", f"train.run_dir={tmp_path}/run"]
+    env = _env(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC="1",
+               PYTHON=sys.executable)
+    nodes = [subprocess.Popen(["bash", "launch/multinode_torchrun.sh", *args], cwd=ROOT,
+                              env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    for n, (out, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+    assert "2 ranks, ep 2" in outs[0][0]
+    check_run(tmp_path / "run", 4)
