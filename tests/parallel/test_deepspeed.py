@@ -78,6 +78,7 @@ def _train_dp2(rank, tmp, stages):
     try:
         for stage in stages:
             _train_dp2_stage(rank, f"{tmp}/zero{stage}", stage)
+        dist.barrier()  # all ranks done before teardown
     finally:
         dist.destroy_process_group()
 

@@ -94,6 +94,7 @@ def _worker(rank, init_file):
         for router in ("expert_choice", "token_choice"):
             for kind in ("alltoall", "allgather"):
                 _check(rank, router, kind, mesh)
+        dist.barrier()  # all ranks done before teardown (a race here aborted gloo processes)
     finally:
         dist.destroy_process_group()
 
