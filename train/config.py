@@ -75,12 +75,11 @@ class TrainCfg:
     keep_last: int = 3
     async_ckpt: bool = False
     resume: str = "auto"  # auto (latest in run_dir/checkpoints) | none | path to a step_* dir
-    sample_every: int = 0  # 0 = only at the end
+    sample_every: int = 0  # sample grid + expert heatmap every N steps (0 = only at the end)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a red circle", "two blue squares", "a green triangle left of a yellow circle", "three purple circles"])
     sample_steps: int = 20
     guidance: float = 4.0
-    heatmap_every: int = 0  # 0 = only at the end
     max_nan_steps: int = 5  # stop after this many non-finite losses in a row
     meta_init: bool = False  # build on the meta device, parallelize, then init (large models)
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs by name, else MFU not shown)

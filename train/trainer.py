@@ -276,6 +276,8 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         if stop.item() > 0:
             _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
             break
+        if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+            _sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device)
     ckpt.wait()
     if last_saved != state.step:
         save(state)
@@ -284,12 +286,12 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
                "stopped_by_signal": signals.received is not None}
     if signals.received is None and state.step >= tc.steps:
-        summary.update(_final_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
+        summary.update(_sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
     metrics.close()
     return summary
 
 
-def _final_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:
+def _sample_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:
     """Sample grid for the fixed prompts and the expert-count heatmap of the paper's Fig. 6 (every rank
     computes, since the sharded model's forward is collective; rank 0 writes)."""
     from data import load_text_encoder, load_vae

@@ -9,24 +9,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from tests.parallel.helpers import run_workers
+from tests.parallel.helpers import batch_loss, rank_batch, run_workers
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-
-
-def _batch(cfg, rank):
-    from tests.model.helpers import tiny_batch
-    x, t, ctx, mask = tiny_batch(cfg, 4, seed=10 + rank)
-    keep = torch.randperm(cfg.num_tokens, generator=torch.Generator().manual_seed(rank))[:cfg.kept_tokens]
-    return x, t, ctx, mask, keep.sort().values.expand(4, -1)
-
-
-def _loss(model, batch):
-    x, t, ctx, mask, keep = batch
-    out = model(x, t, ctx, mask, keep_idx_BK=keep, text_drop_B=torch.tensor([True, False, False, False]))
-    return out.pred.square().mean() + out.aux_loss, out.pred
 
 
 def _worker(rank, world, router):
@@ -41,14 +28,14 @@ def _worker(rank, world, router):
     # Reference: both ranks' local batches through the unsharded model, one process.
     ref_loss, ref_preds = 0.0, []
     for r in range(WORLD):
-        loss, pred = _loss(ref, _batch(cfg, r))
+        loss, pred = batch_loss(ref, rank_batch(cfg, r))
         ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
         ref_preds.append(pred)
     ref_loss.backward()
 
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))
     apply_expert_parallel(model, mesh)
-    loss, pred = _loss(model, _batch(cfg, rank))
+    loss, pred = batch_loss(model, rank_batch(cfg, rank))
     loss.backward()
     torch.testing.assert_close(pred, ref_preds[rank], rtol=1e-12, atol=1e-12)
 

@@ -17,23 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.parallel.helpers import batch_loss, rank_batch  # noqa: E402
+
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
 TOL = dict(rtol=1e-14, atol=1e-15)  # outputs and gradients, float64 (passes at rtol=0, atol=1e-15)
-
-
-def _batch(cfg, rank):
-    from tests.model.helpers import tiny_batch
-    x, t, ctx, mask = tiny_batch(cfg, 4, seed=10 + rank)
-    keep = torch.randperm(cfg.num_tokens, generator=torch.Generator().manual_seed(rank))[:cfg.kept_tokens]
-    return x, t, ctx, mask, keep.sort().values.expand(4, -1)
-
-
-def _loss(model, batch):
-    x, t, ctx, mask, keep = batch
-    out = model(x, t, ctx, mask, keep_idx_BK=keep, text_drop_B=torch.tensor([True, False, False, False]))
-    return out.pred.square().mean() + out.aux_loss, out.pred
 
 
 def _check(rank, router, kind, mesh):
@@ -47,7 +36,7 @@ def _check(rank, router, kind, mesh):
     ref = copy.deepcopy(model)
     ref_loss, ref_preds = 0.0, []
     for r in range(WORLD):
-        loss, pred = _loss(ref, _batch(cfg, r))
+        loss, pred = batch_loss(ref, rank_batch(cfg, r))
         ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
         ref_preds.append(pred)
     ref_loss.backward()
@@ -61,7 +50,7 @@ def _check(rank, router, kind, mesh):
             return super().__call__(x_TD, plan, experts)
 
     apply_expert_parallel(model, mesh, make_dispatcher=lambda m: Recording(m, kind))
-    loss, pred = _loss(model, _batch(cfg, rank))
+    loss, pred = batch_loss(model, rank_batch(cfg, rank))
     loss.backward()
     msg = f"{router}/{kind}"
     torch.testing.assert_close(pred, ref_preds[rank], **TOL, msg=msg)

@@ -61,9 +61,12 @@ def check_run(run_dir: Path, steps: int):
 
 
 def test_single_process_end_to_end(tmp_path, shapes):
-    proc = train([*BASE, shapes, f"train.run_dir={tmp_path}/run"])
+    proc = train([*BASE, shapes, f"train.run_dir={tmp_path}/run", "train.sample_every=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_run(tmp_path / "run", 4)
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["experts_step00000002.png", "experts_step00000004.png",
+                       "grid_step00000002.png", "grid_step00000004.png"]
     assert "[train] done" in proc.stdout and "resume:" in proc.stdout
 
 
