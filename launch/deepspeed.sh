@@ -2,9 +2,9 @@
 # DeepSpeed launcher over a hostfile (`host slots=N` per line):
 #   HOSTFILE=hosts NUM_GPUS=8 bash launch/deepspeed.sh parallel=deepspeed_zero2 [overrides]
 # The launcher appends --local_rank=N, which train/__main__.py strips before Hydra parses.
-# NOTE: the Hydra trainer drives FSDP2 + expert parallelism; parallel.engine=deepspeed is validated
-# but the ZeRO engine is run through parallel/deepspeed.py (build_engine / train_step) and is not yet
-# wired into train/trainer.py (it stops with a clear message).
+# parallel=deepspeed_zero2|deepspeed_zero3: DeepSpeed owns optimizer (AdamW), warmup schedule, clipping
+# and accumulation (train/backends.py); no expert parallelism and no EMA on this engine. Without GPUs
+# DeepSpeed uses its CPU accelerator (gloo).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -7,6 +7,7 @@ Everything that can be validated is validated before the process group is create
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,7 +28,8 @@ from model.flow import flow_loss
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
 
-from .checkpoint import Checkpointer, encode_state, decode_state, capture_rng, restore_rng
+from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config
+from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng
 from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
 from .state import TrainState
@@ -139,9 +141,8 @@ def run(cfg: AppConfig) -> dict:
 
 
 def _build(mcfg, pcfg, tc, world, device) -> DiT:
-    if pcfg.engine != "fsdp":
-        raise NotImplementedError("parallel.engine=deepspeed runs through parallel/deepspeed.py "
-                                  "(build_engine/train_step); the Hydra trainer drives FSDP2 + EP")
+    if pcfg.engine == "deepspeed":  # DeepSpeed shards (ZeRO) inside deepspeed.initialize
+        return build_model(mcfg, device=device, seed=tc.seed)
     mesh = build_mesh(pcfg, world, device.type) if world > 1 else None
     if tc.meta_init:
         with torch.device("meta"):
@@ -162,12 +163,30 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     tc, distributed = cfg.train, world > 1
     model = _build(mcfg, pcfg, tc, world, device)
     sharded = distributed and (pcfg.fsdp or pcfg.ep > 1)
-    opt = _optimizer(model, cfg.optim)
-    sched = _schedule(opt, cfg.optim, tc.steps)
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
+    replicas = pcfg.dp_replicate if sharded else world
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    if pcfg.engine == "deepspeed":
+        if tc.ema_decay > 0:
+            _log0("train.ema_decay is ignored with parallel.engine=deepspeed (no EMA)")
+        backend = DeepSpeedBackend(model, deepspeed_config(cfg, pcfg, use_bf16), run_dir / "checkpoints",
+                                   tc.keep_last)
+        autocast = nullcontext()  # DeepSpeed casts the module itself (bf16 config)
+    else:
+        opt = _optimizer(model, cfg.optim)
+        ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
+
+        def step_fn() -> float:
+            if distributed and not sharded:
+                _all_reduce_grads(model, world)
+            return clip_grad_norm(model, cfg.optim.grad_clip, replicas, sharded)
+
+        backend = TorchBackend(model, opt, _schedule(opt, cfg.optim, tc.steps), ema,
+                               Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last,
+                                            async_save=tc.async_ckpt), step_fn)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    net = backend.net  # what the loss calls forward on
     encoders = FrozenEncoders(cfg.data, device) if cfg.data.kind == "image" else None
     loader = make_loader(cfg.data, rank=rank, world_size=world, transform=encoders)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last, async_save=tc.async_ckpt)
     metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=tc.wandb_mode,
                       project=tc.wandb_project, name=tc.name)
     state = TrainState()
@@ -176,38 +195,29 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
     # Ranks draw differently.
     flow_gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + rank)
-    resume_from = {"auto": ckpt.latest(), "none": None}.get(tc.resume, tc.resume)
+    resume_from = {"auto": backend.latest(), "none": None}.get(tc.resume, tc.resume)
     if resume_from is not None:
-        saved = ckpt.load(resume_from, model, opt, extra={"ema": ema} if ema is not None else None)
+        saved = backend.load(Path(resume_from))
         if saved is None:
             _log0(f"resumed weights from {resume_from} (saved at another world size: data position and "
                   "RNG start afresh)")
-            import json
             state.step = json.loads((Path(resume_from) / "meta.json").read_text())["step"]
-            sched.last_epoch = state.step
         else:
             state = TrainState.from_dict(saved)
-            sched.load_state_dict(state.schedule)
             loader.load_state_dict(state.data)
             _log0(f"resumed from {resume_from} at step {state.step}")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if (tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda"))
-                else nullcontext())
     images_per_step = cfg.data.batch_size * world * tc.grad_accum
     tokens_per_step = images_per_step * mcfg.kept_tokens
     flops = train_step_flops(mcfg, images_per_step, text_len=mcfg.text_len)
     peak = device_peak_flops(device, tc.peak_tflops)
     progress = Progress(tc.steps, state.step)
-    replicas = pcfg.dp_replicate if sharded else world
     _log0(f"{mcfg.name}: {sum(p.numel() for p in model.parameters())} local params, {world} ranks, "
-          f"ep {pcfg.ep}, {images_per_step} images/step, run dir {run_dir}")
+          f"ep {pcfg.ep}, engine {pcfg.engine}, {images_per_step} images/step, run dir {run_dir}")
 
     def save(step_state: TrainState) -> None:
-        step_state.schedule = sched.state_dict()
         step_state.rng = {**capture_rng(), "flow": encode_state(flow_gen.get_state().cpu())}
         step_state.data = loader.state_dict()
-        ckpt.save(step_state.step, model, opt, train_state=step_state.to_dict(), config=config_dict,
-                  extra={"ema": ema} if ema is not None else None)
+        backend.save(step_state.step, step_state.to_dict(), config_dict)
 
     first_loss = last_loss = None
     last_saved = state.step if resume_from is not None else -1
@@ -217,19 +227,21 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         flow_gen.set_state(decode_state(state.rng["flow"]))
     stats = []
     while state.step < tc.steps:
-        opt.zero_grad(set_to_none=True)
+        backend.zero_grad()
         loss_sum = torch.zeros((), device=device)
         for _ in range(tc.grad_accum):
             try:
                 batch = next(batches)
             except TooManyBadSamples as e:
                 raise StopTraining(str(e)) from e
-            x0 = batch["latent"].to(device, non_blocking=True)
+            dt = torch.bfloat16 if getattr(backend, "bf16", False) else None
+            x0 = batch["latent"].to(device, dtype=dt, non_blocking=True)
             ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)
             mask = batch["text_mask"].to(device)
             with autocast:
-                out = flow_loss(model, x0, ctx, mask, cfg.flow, generator=flow_gen)
-            (out["loss"] / tc.grad_accum).backward()
+                out = flow_loss(net, x0, ctx, mask, cfg.flow, generator=flow_gen)
+            if not backend.micro_step(out["loss"], tc.grad_accum):
+                loss_sum += float("nan")  # DeepSpeed skipped this micro-batch
             loss_sum += out["flow_loss"].float() / tc.grad_accum
             stats = out["out"].moe_stats
         finite = torch.isfinite(loss_sum).float()
@@ -245,27 +257,19 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         if finite.item() < 1:
             state.nan_streak += 1
             state.nan_total += 1
-            opt.zero_grad(set_to_none=True)
+            backend.zero_grad()
             _log0(f"step {state.step}: non-finite loss, update skipped ({state.nan_streak} in a row)")
             if state.nan_streak >= tc.max_nan_steps:
                 raise StopTraining(f"{state.nan_streak} non-finite losses in a row (train.max_nan_steps="
-                                   f"{tc.max_nan_steps}); last good checkpoint: {ckpt.latest()}")
+                                   f"{tc.max_nan_steps}); last good checkpoint: {backend.latest()}")
         else:
             state.nan_streak = 0
-            if distributed and not sharded:
-                _all_reduce_grads(model, world)
-            grad_norm = clip_grad_norm(model, cfg.optim.grad_clip, replicas, sharded)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        ema[n].lerp_(p.detach(), 1 - tc.ema_decay)
+            grad_norm = backend.apply(tc.ema_decay)
             loss_value = loss_avg.item()
             first_loss = loss_value if first_loss is None else first_loss
             last_loss = loss_value
             if state.step % tc.log_every == 0 or state.step == tc.steps:
-                data = {"loss": loss_value, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                data = {"loss": loss_value, "lr": backend.lr(), "grad_norm": grad_norm,
                         "samples_seen": state.samples_seen, "nan_total": state.nan_total}
                 data.update(moe_scalars(stats))
                 metrics.log(data, state.step)
@@ -278,10 +282,10 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             break
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
             _sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device)
-    ckpt.wait()
+    backend.wait()
     if last_saved != state.step:
         save(state)
-        ckpt.wait()
+        backend.wait()
     summary = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"), "step": state.step,
                "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
                "stopped_by_signal": signals.received is not None}

@@ -139,3 +139,29 @@ def test_multinode_script_two_nodes_on_localhost(tmp_path, shapes):
         assert n.returncode == 0, err[-3000:]
     assert "2 ranks, ep 2" in outs[0][0]
     check_run(tmp_path / "run", 4)
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_zero2_trains_and_resumes_exactly(tmp_path, shapes):
+    """`deepspeed --num_gpus 2 train/__main__.py parallel=deepspeed_zero2` (CPU accelerator, gloo):
+    trains, checkpoints, and a run stopped at step 2 and resumed matches the uninterrupted losses."""
+    import socket
+
+    def launch(run_dir, steps):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+               "train/__main__.py", "parallel=deepspeed_zero2", "model.num_experts=4", *BASE, shapes,
+               f"train.steps={steps}", f"train.run_dir={run_dir}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc
+
+    out = launch(tmp_path / "a", 4)
+    assert "engine deepspeed" in out.stdout
+    check_run(tmp_path / "a", 4)
+    launch(tmp_path / "b", 2)
+    resumed = launch(tmp_path / "b", 4)
+    assert "resumed from" in resumed.stdout
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")

@@ -1,0 +1,162 @@
+"""The trainer's two engines behind one interface: optimizer step, LR schedule, and checkpoints.
+
+* `TorchBackend`: the model as parallelized by parallel/ (FSDP2 + expert parallelism, or plain
+  replicas), torch optimizer + LambdaLR, EMA, DCP checkpoints (train/checkpoint.py).
+* `DeepSpeedBackend`: `deepspeed.initialize` with ZeRO 2/3 (parallel/deepspeed.py): DeepSpeed owns the
+  optimizer (AdamW), the warmup schedule, gradient clipping and accumulation, and its checkpoints
+  (published when meta.json is written, last). No EMA.
+
+Both keep the per-rank JSON train state (RNG, data position) and config.json / meta.json in the
+checkpoint directory, so resume works the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import STEP_PREFIX, Checkpointer
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class TorchBackend:
+    def __init__(self, model, opt, sched, ema: dict | None, ckpt: Checkpointer, step_fn):
+        self.net, self.opt, self.sched, self.ema, self.ckpt = model, opt, sched, ema, ckpt
+        self._step_fn = step_fn  # (all-reduce if plain replicas) + clip; returns the grad norm
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
+        (loss / accum).backward()
+        return True
+
+    def apply(self, ema_decay: float) -> float:
+        grad_norm = self._step_fn()
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.net.named_parameters():
+                    self.ema[n].lerp_(p.detach(), 1 - ema_decay)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def latest(self) -> Path | None:
+        return self.ckpt.latest()
+
+    def save(self, step: int, train_state: dict, config: dict) -> None:
+        train_state["schedule"] = self.sched.state_dict()
+        self.ckpt.save(step, self.net, self.opt, train_state=train_state, config=config,
+                       extra={"ema": self.ema} if self.ema is not None else None)
+
+    def load(self, path: Path) -> dict | None:
+        saved = self.ckpt.load(path, self.net, self.opt, extra={"ema": self.ema} if self.ema is not None else None)
+        if saved is not None:
+            self.sched.load_state_dict(saved["schedule"])
+        return saved
+
+    def wait(self) -> None:
+        self.ckpt.wait()
+
+
+def deepspeed_config(cfg, pcfg, precision_bf16: bool) -> dict:
+    """Our Hydra config -> DeepSpeed's JSON config (ZeRO stage, micro batch, accumulation, AdamW,
+    clipping, bf16, warmup(-cosine) schedule)."""
+    from parallel.deepspeed import ds_config
+    o = cfg.optim
+    conf = ds_config(stage=pcfg.zero_stage, micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
+                     lr=o.lr, bf16=precision_bf16, grad_clip=o.grad_clip or None, weight_decay=o.weight_decay,
+                     betas=tuple(o.betas), eps=o.eps)
+    warm = max(1, o.warmup_steps)
+    if o.schedule == "cosine":
+        conf["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.train.steps, "warmup_num_steps": warm, "warmup_min_ratio": 0.0,
+            "cos_min_ratio": o.min_lr_ratio}}
+    else:
+        conf["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": warm, "warmup_type": "linear"}}
+    return conf
+
+
+class DeepSpeedBackend:
+    def __init__(self, model, conf: dict, root: Path, keep_last: int):
+        from parallel.deepspeed import build_engine
+        self.engine = build_engine(model, conf)
+        self.net = self.engine
+        self.root, self.keep_last = root, keep_last
+        self.bf16 = self.engine.bfloat16_enabled()
+        if _rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed zeroes the gradients at its accumulation boundary
+
+    def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
+        """DeepSpeed needs backward + step per micro-batch. A non-finite micro-batch (on any rank) is
+        skipped entirely, so it neither counts towards accumulation nor corrupts the gradients."""
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            return False
+        self.engine.backward(loss)
+        self.engine.step()
+        return True
+
+    def apply(self, ema_decay: float) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def latest(self) -> Path | None:
+        done = [p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
+        return max(done, key=lambda p: int(p.name[len(STEP_PREFIX):])) if done else None
+
+    def save(self, step: int, train_state: dict, config: dict) -> None:
+        from parallel.deepspeed import save
+        tag = f"{STEP_PREFIX}{step:08d}"
+        save(self.engine, self.root, tag)
+        (self.root / tag / "train").mkdir(parents=True, exist_ok=True)
+        (self.root / tag / "train" / f"rank{_rank():05d}.json").write_text(json.dumps(train_state))
+        if dist.is_initialized():
+            dist.barrier()
+        if _rank() == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (self.root / tag / "config.json").write_text(json.dumps(config, indent=2))
+            (self.root / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
+                                                                   "engine": "deepspeed", "time": time.time()}))
+            done = sorted((p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()),
+                          key=lambda p: int(p.name[len(STEP_PREFIX):]))
+            for old in done[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, path: Path) -> dict | None:
+        path = Path(path)
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        meta = json.loads((path / "meta.json").read_text())
+        rank_file = path / "train" / f"rank{_rank():05d}.json"
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if meta["world_size"] != world or not rank_file.is_file():
+            return None
+        return json.loads(rank_file.read_text())
+
+    def wait(self) -> None:
+        pass
+
+
+__all__ = ["TorchBackend", "DeepSpeedBackend", "deepspeed_config"]
