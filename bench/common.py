@@ -27,6 +27,19 @@ def environment(device: str) -> dict:
     return env
 
 
+def round_robin(step, names, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Time `step(name)` for every name, interleaved (warm-up rounds first), so that drift in the
+    machine's load hits every variant alike. Returns the per-name list of `iters` timings."""
+    for _ in range(warmup):
+        for name in names:
+            step(name)
+    times = {name: [] for name in names}
+    for _ in range(iters):
+        for name in names:
+            times[name].append(step(name))
+    return times
+
+
 def write_json(path: Path | None, figures: dict) -> None:
     if path is None:
         return

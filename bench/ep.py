@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from bench.common import environment, parser, write_json  # noqa: E402
+from bench.common import environment, parser, round_robin, write_json  # noqa: E402
 
 PATHS = ("local", "alltoall", "megatron_alltoall", "megatron_allgather")
 
@@ -118,13 +118,7 @@ def _run(rank: int, args, dev: torch.device) -> dict:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return slowest.item()
 
-    for _ in range(args.warmup):
-        for name in PATHS:
-            step(name)
-    times = {name: [] for name in PATHS}
-    for _ in range(args.iters):  # round-robin: drift in machine load hits every path alike
-        for name in PATHS:
-            times[name].append(step(name))
+    times = round_robin(step, PATHS, args.warmup, args.iters)
 
     # Bytes from the routing of this rank's timed batch.
     with torch.no_grad():

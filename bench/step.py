@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import environment, parser, write_json  # noqa: E402
+from bench.common import environment, parser, round_robin, write_json  # noqa: E402
 from model.config import dense_twin, get_preset  # noqa: E402
 from model.dit import build_model  # noqa: E402
 from model.flow import FlowConfig, flow_loss  # noqa: E402
@@ -71,13 +71,7 @@ def main(argv=None) -> dict:
         m.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        for name in models:
-            step(name)
-    times = {name: [] for name in models}
-    for _ in range(args.iters):  # round-robin: drift in machine load hits every model alike
-        for name in models:
-            times[name].append(step(name))
+    times = round_robin(step, models, args.warmup, args.iters)
     tokens = B * (cfg.num_tokens if args.no_mask else cfg.kept_tokens)
     fig = environment(dev)
     fig.update(preset=args.preset, batch=B, tokens_per_step=tokens, dtype=args.dtype, iters=args.iters)

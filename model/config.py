@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROUTERS = ("expert_choice", "token_choice")
 GROUP_MODES = ("tokens", "sample", "batch")

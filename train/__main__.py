@@ -71,7 +71,7 @@ def _print_summary(s: dict, overrides: list[str]) -> None:
     for key in ("sample_grid", "expert_heatmap"):
         if key in s:
             print(f"  {key.replace('_', ' '):<13} {s[key]}")
-    print(f"  resume:       rerun the same command (train.resume=auto picks the latest checkpoint)")
+    print("  resume:       rerun the same command (train.resume=auto picks the latest checkpoint)")
 
 
 if __name__ == "__main__":

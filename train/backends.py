@@ -20,11 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import STEP_PREFIX, Checkpointer
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+from .checkpoint import STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world
 
 
 class TorchBackend:
@@ -96,7 +92,7 @@ class DeepSpeedBackend:
         self.net = self.engine
         self.root, self.keep_last = root, keep_last
         self.bf16 = self.engine.bfloat16_enabled()
-        if _rank() == 0:
+        if dist_rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
 
     def zero_grad(self) -> None:
@@ -122,36 +118,30 @@ class DeepSpeedBackend:
         return self.engine.get_lr()[0]
 
     def latest(self) -> Path | None:
-        done = [p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
-        return max(done, key=lambda p: int(p.name[len(STEP_PREFIX):])) if done else None
+        done = complete_checkpoints(self.root)
+        return done[-1] if done else None
 
     def save(self, step: int, train_state: dict, config: dict) -> None:
         from parallel.deepspeed import save
         tag = f"{STEP_PREFIX}{step:08d}"
         save(self.engine, self.root, tag)
         (self.root / tag / "train").mkdir(parents=True, exist_ok=True)
-        (self.root / tag / "train" / f"rank{_rank():05d}.json").write_text(json.dumps(train_state))
-        if dist.is_initialized():
-            dist.barrier()
-        if _rank() == 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
+        (self.root / tag / "train" / f"rank{dist_rank():05d}.json").write_text(json.dumps(train_state))
+        dist_barrier()
+        if dist_rank() == 0:
             (self.root / tag / "config.json").write_text(json.dumps(config, indent=2))
-            (self.root / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
+            (self.root / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": dist_world(),
                                                                    "engine": "deepspeed", "time": time.time()}))
-            done = sorted((p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()),
-                          key=lambda p: int(p.name[len(STEP_PREFIX):]))
-            for old in done[:-self.keep_last]:
+            for old in complete_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
+        dist_barrier()
 
     def load(self, path: Path) -> dict | None:
         path = Path(path)
         self.engine.load_checkpoint(str(path.parent), tag=path.name)
         meta = json.loads((path / "meta.json").read_text())
-        rank_file = path / "train" / f"rank{_rank():05d}.json"
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if meta["world_size"] != world or not rank_file.is_file():
+        rank_file = path / "train" / f"rank{dist_rank():05d}.json"
+        if meta["world_size"] != dist_world() or not rank_file.is_file():
             return None
         return json.loads(rank_file.read_text())
 

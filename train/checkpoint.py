@@ -43,15 +43,15 @@ from model.dit import DiT, build_model
 STEP_PREFIX, TMP_PREFIX = "step_", ".tmp-step_"
 
 
-def _rank() -> int:
+def dist_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _world() -> int:
+def dist_world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
+def dist_barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -97,6 +97,12 @@ def restore_rng(state: dict) -> None:
 
 # ---- checkpointer -------------------------------------------------------------------------------
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """`step_*` directories under `root` that were published (meta.json is written last), oldest first."""
+    found = [p for p in Path(root).glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
 class Checkpointer:
     """Save / find / load sharded checkpoints under `root` (see module docstring)."""
 
@@ -107,17 +113,16 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: tuple[Future, int, dict] | None = None
-        if _rank() == 0:
+        if dist_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(TMP_PREFIX + "*"):  # left by a killed save
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        dist_barrier()
 
     # -- listing --
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        found = [p for p in self.root.glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         ckpts = self.checkpoints()
@@ -131,13 +136,13 @@ class Checkpointer:
         model) and this rank's JSON-able `train_state`; collective."""
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
-        if _rank() == 0:
+        if dist_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "train").mkdir(parents=True)
-        _barrier()
+        dist_barrier()
         state = {**_app_state(model, optimizer), **(extra or {})}
-        (tmp / "train" / f"rank{_rank():05d}.json").write_text(json.dumps(train_state or {}))
-        meta = {"step": step, "world_size": _world(), "config": config}
+        (tmp / "train" / f"rank{dist_rank():05d}.json").write_text(json.dumps(train_state or {}))
+        meta = {"step": step, "world_size": dist_world(), "config": config}
         if self.async_save:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), step, meta)
         else:
@@ -155,8 +160,8 @@ class Checkpointer:
     close = wait
 
     def _publish(self, step: int, meta: dict) -> None:
-        _barrier()  # every rank's shards are written
-        if _rank() == 0:
+        dist_barrier()  # every rank's shards are written
+        if dist_rank() == 0:
             tmp, final = self.root / f"{TMP_PREFIX}{step:08d}", self.root / f"{STEP_PREFIX}{step:08d}"
             config = meta.pop("config")
             if config is not None:
@@ -168,7 +173,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             for old in self.checkpoints()[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        dist_barrier()
 
     # -- loading --
     def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -186,8 +191,8 @@ class Checkpointer:
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         meta = json.loads((path / "meta.json").read_text())
-        rank_file = path / "train" / f"rank{_rank():05d}.json"
-        if meta["world_size"] != _world() or not rank_file.is_file():
+        rank_file = path / "train" / f"rank{dist_rank():05d}.json"
+        if meta["world_size"] != dist_world() or not rank_file.is_file():
             return None
         return json.loads(rank_file.read_text())
 
@@ -205,7 +210,7 @@ def export_safetensors(model: DiT, out_dir: str | Path) -> Path | None:
     """Consolidated, unsharded weights (+ config JSON) of a possibly sharded model; collective.
     Rank 0 writes `model.safetensors` and `config.json` and returns the file path."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() != 0:
+    if dist_rank() != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import signal
-import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -229,6 +227,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     while state.step < tc.steps:
         backend.zero_grad()
         loss_sum = torch.zeros((), device=device)
+        logging_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == tc.steps
         for _ in range(tc.grad_accum):
             try:
                 batch = next(batches)
@@ -239,7 +238,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)
             mask = batch["text_mask"].to(device)
             with autocast:
-                out = flow_loss(net, x0, ctx, mask, cfg.flow, generator=flow_gen)
+                out = flow_loss(net, x0, ctx, mask, cfg.flow, generator=flow_gen, collect_stats=logging_step)
             if not backend.micro_step(out["loss"], tc.grad_accum):
                 loss_sum += float("nan")  # DeepSpeed skipped this micro-batch
             loss_sum += out["flow_loss"].float() / tc.grad_accum
@@ -268,7 +267,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             loss_value = loss_avg.item()
             first_loss = loss_value if first_loss is None else first_loss
             last_loss = loss_value
-            if state.step % tc.log_every == 0 or state.step == tc.steps:
+            if logging_step:  # (state.step was advanced above)
                 data = {"loss": loss_value, "lr": backend.lr(), "grad_norm": grad_norm,
                         "samples_seen": state.samples_seen, "nan_total": state.nan_total}
                 data.update(moe_scalars(stats))

@@ -1,6 +1,5 @@
 """WebDataset loader: complete and deterministic epochs, exact mid-epoch resume, bad samples skipped and counted."""
 
-import io
 import json
 import os
 import pickle

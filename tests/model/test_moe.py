@@ -1,6 +1,5 @@
 """Routing and MoE layer: expert choice, token choice, identity with the dense FFN, gradients."""
 
-import dataclasses
 
 import pytest
 import torch

@@ -41,3 +41,10 @@ def batch_loss(model, batch):
     drop[0] = True
     out = model(x, t, ctx, mask, keep_idx_BK=keep, text_drop_B=drop)
     return out.pred.square().mean() + out.aux_loss, out.pred
+
+
+def reference_loss(ref_model, cfg, world, step=0):
+    """The global batch's mean loss on the unsharded model, every rank's local batch routed on its own
+    (what `world` data-parallel ranks compute together); returns (loss, per-rank predictions)."""
+    losses, preds = zip(*(batch_loss(ref_model, rank_batch(cfg, r, step=step)) for r in range(world)))
+    return sum(losses) / world, list(preds)

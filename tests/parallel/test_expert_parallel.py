@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from tests.parallel.helpers import batch_loss, rank_batch, run_workers
+from tests.parallel.helpers import batch_loss, rank_batch, reference_loss, run_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -25,12 +25,7 @@ def _worker(rank, world, router):
 
     model, cfg = tiny_model("tiny-ec", moe=dict(router=router, group="tokens", group_size=16))
     ref = copy.deepcopy(model)
-    # Reference: both ranks' local batches through the unsharded model, one process.
-    ref_loss, ref_preds = 0.0, []
-    for r in range(WORLD):
-        loss, pred = batch_loss(ref, rank_batch(cfg, r))
-        ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
-        ref_preds.append(pred)
+    ref_loss, ref_preds = reference_loss(ref, cfg, WORLD)  # both ranks' batches, one process
     ref_loss.backward()
 
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.parallel.helpers import batch_loss, rank_batch  # noqa: E402
+from tests.parallel.helpers import batch_loss, rank_batch, reference_loss  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -34,11 +34,7 @@ def _check(rank, router, kind, mesh):
 
     model, cfg = tiny_model("tiny-ec", moe=dict(router=router, group="tokens", group_size=16))
     ref = copy.deepcopy(model)
-    ref_loss, ref_preds = 0.0, []
-    for r in range(WORLD):
-        loss, pred = batch_loss(ref, rank_batch(cfg, r))
-        ref_loss = ref_loss + loss / WORLD  # the global batch's mean loss
-        ref_preds.append(pred)
+    ref_loss, ref_preds = reference_loss(ref, cfg, WORLD)  # both ranks' batches, one process
     ref_loss.backward()
 
     seen = {"empty_slots": 0, "calls": 0}

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tests.parallel.helpers import batch_loss, rank_batch, run_workers
+from tests.parallel.helpers import batch_loss, rank_batch, reference_loss, run_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -17,7 +17,6 @@ def full(t):
 
 
 def _parity(rank, world, ep, router, steps, dispatcher="alltoall", dp_replicate=1):
-    from model.dit import DiT
     from parallel.mesh import ParallelConfig, build_mesh
     from parallel.parallelize import parallelize
     from tests.model.helpers import tiny_model
@@ -31,7 +30,7 @@ def _parity(rank, world, ep, router, steps, dispatcher="alltoall", dp_replicate=
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(steps):
         # Reference: the global batch = every rank's local batch, each routed on its own; mean loss.
-        ref_loss = sum(batch_loss(ref, rank_batch(cfg, r, step=step))[0] for r in range(world)) / world
+        ref_loss = reference_loss(ref, cfg, world, step=step)[0]
         ref_opt.zero_grad()
         ref_loss.backward()
         loss, _ = batch_loss(model, rank_batch(cfg, rank, step=step))

@@ -102,7 +102,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
     assert [p.name for p in (run_b / "checkpoints").glob("step_*")] == [f"step_{stopped_at:08d}"]
     resumed = train([*args, f"train.run_dir={run_b}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     assert losses(run_b) == losses(tmp_path / "a")  # every step's loss, bit for bit
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from tests.parallel.helpers import batch_loss, rank_batch, run_workers
+from tests.parallel.helpers import batch_loss, rank_batch, reference_loss, run_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def _eval_out(model, cfg):
 def _global_step(model, opt, cfg, rank, world, step, saved_world=2):
     """One optimizer step on the global batch of the saving run (saved_world local batches)."""
     if world == 1:
-        loss = sum(batch_loss(model, rank_batch(cfg, r, step=step))[0] for r in range(saved_world)) / saved_world
+        loss = reference_loss(model, cfg, saved_world, step=step)[0]
     else:
         loss = batch_loss(model, rank_batch(cfg, rank, step=step))[0]
     opt.zero_grad()
