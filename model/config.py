@@ -9,8 +9,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-ROUTERS = ("expert_choice", "token_choice")
+ROUTERS = ("expert_choice", "token_choice", "diffmoe")
 GROUP_MODES = ("tokens", "sample", "batch")
+# Inference routing: the training-style groups, or "dynamic" (each expert takes the tokens whose score
+# passes its threshold: batch-independent, compute adapts per token).
+INFERENCE_MODES = GROUP_MODES + ("dynamic",)
 
 # Frozen encoders the paper counts in its Table 1 totals (Section 3.1): a 670M T5 and a 34M VAE.
 T5_PARAMS = 670_000_000
@@ -28,6 +31,13 @@ class MoEConfig:
     expert_choice: each expert takes its top-C tokens of a routing group, C = G * capacity_factor / E.
     token_choice: GShard top-k; each expert keeps at most ceil(tc_capacity_factor * top_k * G / E)
     tokens per group, overflow is dropped (passes through the residual); load-balancing aux loss.
+    diffmoe: expert choice over a batch-level token pool (group "batch"; with `global_pool` across
+    data-parallel ranks) plus a capacity predictor (MLP on the detached router input, trained with BCE
+    to predict which experts take a token) whose per-expert thresholds drive "dynamic" inference.
+
+    Every expert-choice router (expert_choice, diffmoe) tracks per expert an EMA of the training-time
+    cut-off score (the C-th best score of a group: the affinity, or the predictor's score for diffmoe);
+    "dynamic" inference lets each expert take the tokens whose score passes threshold * dynamic_multiplier.
     """
 
     num_experts: int = 8
@@ -42,19 +52,40 @@ class MoEConfig:
     group_size: int = 1024
     inference_group: str = "tokens"
     inference_group_size: int = 512
+    # DiffMoE and dynamic inference.
+    predictor_weight: float = 1.0  # weight of the capacity predictor's BCE loss (diffmoe)
+    predictor_hidden: int = 0  # hidden width of the predictor MLP (0: the model width)
+    threshold_decay: float = 0.99  # EMA decay of the per-expert cut-off scores
+    dynamic_multiplier: float = 1.0  # threshold multiplier at inference: > 1 fewer tokens, < 1 more
+    global_pool: bool = False  # expert choice across data-parallel ranks (all-gathered scores)
+    pool_slack: float = 2.0  # global pool: local slots per expert = pool_slack * local capacity
 
     def validate(self, prefix: str = "model.moe") -> None:
         if self.num_experts < 1:
             raise ConfigError(f"{prefix}.num_experts={self.num_experts} must be >= 1")
         if self.router not in ROUTERS:
             raise ConfigError(f"{prefix}.router={self.router!r} must be one of {ROUTERS}")
-        for name in ("group", "inference_group"):
-            if getattr(self, name) not in GROUP_MODES:
-                raise ConfigError(f"{prefix}.{name}={getattr(self, name)!r} must be one of {GROUP_MODES}")
+        if self.group not in GROUP_MODES:
+            raise ConfigError(f"{prefix}.group={self.group!r} must be one of {GROUP_MODES}")
+        if self.inference_group not in INFERENCE_MODES:
+            raise ConfigError(f"{prefix}.inference_group={self.inference_group!r} must be one of {INFERENCE_MODES}")
+        if not 0.0 <= self.threshold_decay < 1.0:
+            raise ConfigError(f"{prefix}.threshold_decay={self.threshold_decay} must be in [0, 1)")
+        if self.dynamic_multiplier <= 0:
+            raise ConfigError(f"{prefix}.dynamic_multiplier={self.dynamic_multiplier} must be > 0")
+        if self.predictor_weight < 0 or self.predictor_hidden < 0:
+            raise ConfigError(f"{prefix}.predictor_weight and {prefix}.predictor_hidden must be >= 0")
+        if self.global_pool and self.router == "token_choice":
+            raise ConfigError(f"{prefix}.global_pool needs an expert-choice router (expert_choice or diffmoe)")
+        if self.global_pool and self.group != "batch":
+            raise ConfigError(f"{prefix}.global_pool pools whole batches: set {prefix}.group=batch "
+                              f"(got {self.group!r})")
+        if self.pool_slack < 1.0:
+            raise ConfigError(f"{prefix}.pool_slack={self.pool_slack} must be >= 1")
         for name in ("group_size", "inference_group_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 1")
-        if self.router == "expert_choice":
+        if self.router != "token_choice":
             if not 0 < self.capacity_factor <= self.num_experts:
                 raise ConfigError(
                     f"{prefix}.capacity_factor={self.capacity_factor} must be in (0, num_experts="
@@ -70,12 +101,17 @@ class MoEConfig:
     @property
     def experts_per_token(self) -> float:
         """Average experts that process a token (the activated-compute multiplier of a MoE FFN)."""
-        return self.capacity_factor if self.router == "expert_choice" else float(self.top_k)
+        return float(self.top_k) if self.router == "token_choice" else self.capacity_factor
+
+    @property
+    def is_expert_choice(self) -> bool:
+        """expert_choice or diffmoe: experts pick tokens (top-C of a group), no auxiliary loss."""
+        return self.router != "token_choice"
 
     def capacity(self, group_tokens: int) -> int:
         """Slots per expert in a routing group of `group_tokens` tokens."""
         E = self.num_experts
-        if self.router == "expert_choice":
+        if self.is_expert_choice:
             return min(group_tokens, round(group_tokens * self.capacity_factor / E))
         return min(group_tokens, math.ceil(self.tc_capacity_factor * self.top_k * group_tokens / E))
 
@@ -226,11 +262,24 @@ def _build_presets() -> dict[str, DiTConfig]:
     presets["tiny-dense"] = DiTConfig(name="tiny-dense", **tiny)
     presets["tiny-ec"] = DiTConfig(name="tiny-ec", moe=MoEConfig(**tiny_moe), **tiny)
     presets["tiny-tc"] = DiTConfig(name="tiny-tc", moe=MoEConfig(router="token_choice", **tiny_moe), **tiny)
+    presets["tiny-diffmoe"] = DiTConfig(name="tiny-diffmoe", moe=MoEConfig(router="diffmoe", group="batch",
+                                                                            **tiny_moe), **tiny)
     small = dict(depth=6, dim=192, heads=6, kv_heads=2, in_channels=3, input_size=32, text_dim=384, text_len=32)
     small_moe = dict(num_experts=8, group_size=512, inference_group_size=512)
     presets["small-dense"] = DiTConfig(name="small-dense", **small)
     presets["small-ec"] = DiTConfig(name="small-ec", moe=MoEConfig(**small_moe), **small)
     presets["small-tc"] = DiTConfig(name="small-tc", moe=MoEConfig(router="token_choice", **small_moe), **small)
+    presets["small-diffmoe"] = DiTConfig(name="small-diffmoe", moe=MoEConfig(router="diffmoe", group="batch",
+                                                                              **small_moe), **small)
+    # The routing study (bench/study.py): four models at equal activated compute on the shapes data. The
+    # dense one widens its FFNs at the MoE positions by f_c = top_k = 2.
+    study = dict(small, depth=6, dim=128, heads=4, kv_heads=2)
+    study_moe = dict(num_experts=8, group_size=1024, inference_group_size=512)
+    presets["study-dense"] = DiTConfig(name="study-dense", moe_position_ffn_scale=2.0, **study)
+    presets["study-ec"] = DiTConfig(name="study-ec", moe=MoEConfig(**study_moe), **study)
+    presets["study-tc"] = DiTConfig(name="study-tc", moe=MoEConfig(router="token_choice", **study_moe), **study)
+    presets["study-diffmoe"] = DiTConfig(name="study-diffmoe", moe=MoEConfig(router="diffmoe", group="batch",
+                                                                              **study_moe), **study)
     for cfg in presets.values():
         cfg.validate()
     return presets
@@ -304,5 +353,5 @@ def config_from_dict(d: dict) -> DiTConfig:
     return DiTConfig(moe=moe, **d).validate()
 
 
-__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B", "config_to_dict", "config_from_dict",
+__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "INFERENCE_MODES", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B", "config_to_dict", "config_from_dict",
            "T5_PARAMS", "VAE_PARAMS", "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES"]

@@ -127,12 +127,16 @@ class DiT(nn.Module):
         null_mask_L = torch.arange(L, device=ctx_BLT.device) == 0
         return torch.where(drop_B.view(B, 1), null_mask_L, ctx_mask_BL)
 
-    def set_inference_routing(self, group: str, group_size: int | None = None) -> None:
-        """Routing group used in eval mode by every MoE layer: "tokens" (fixed G), "sample"
-        (batch-independent), "batch"."""
-        for blk in self.blocks:
-            if blk.is_moe:
-                blk.ffn.router.set_inference_group(group, group_size)
+    def routers(self) -> list:
+        """The Router of every MoE layer, in depth order."""
+        return [blk.ffn.router for blk in self.blocks if blk.is_moe]
+
+    def set_inference_routing(self, group: str, group_size: int | None = None,
+                              multiplier: float | None = None) -> None:
+        """Routing used in eval mode by every MoE layer: "tokens" (fixed G across the batch), "sample"
+        (capacity per image), "batch", or "dynamic" (per-expert thresholds, scaled by `multiplier`)."""
+        for router in self.routers():
+            router.set_inference_group(group, group_size, multiplier)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, ctx_BLT: torch.Tensor,

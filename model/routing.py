@@ -1,4 +1,5 @@
-"""Routers: expert choice (EC-DiT, Section 2.3) and token choice top-k (GShard, the Table 4 baseline).
+"""Routers: expert choice (EC-DiT, Section 2.3), token choice top-k (GShard, the Table 4 baseline) and
+DiffMoE (expert choice over a batch-level token pool + a capacity predictor for dynamic inference).
 
 Both produce a `RoutingPlan` with static shapes: for every expert a fixed number X of slots, each slot
 naming a token (index into the flattened local batch of T tokens) and its combine weight. The
@@ -8,10 +9,17 @@ dispatcher (moe.py, or an expert-parallel one from parallel/) gathers the slots'
 Routing groups: the flattened tokens [B*S] are cut into N contiguous groups of G tokens
 ("tokens": G = group_size; "sample": G = S, one image; "batch": G = B*S). Each group is routed on
 its own: in expert choice every expert takes exactly its top-C tokens of every group.
+
+Inference modes (eval): a routing group as above ("tokens" = the paper's G tokens across the batch,
+"sample" = capacity per image), or "dynamic": each expert takes the tokens whose score passes its
+threshold (an EMA of training-time cut-offs), so a token's experts depend on that token only. The
+"dynamic" plan is padded to the busiest expert's count (empty slots have gate 0); it needs a host sync
+and is meant for sampling, not for the expert-parallel training path.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +60,32 @@ def routing_groups(batch: int, seq: int, mode: str, group_size: int) -> tuple[in
             f"model.moe.group_size={group_size} must divide the {total} tokens of the local batch "
             f"({batch} images x {seq} tokens); change the batch size or group size, or route per sample")
     return total // group_size, group_size
+
+
+def global_expert_choice(affinity_TE: torch.Tensor, pooled_TE: torch.Tensor, capacity: int, slots: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert choice over a pool larger than the local tokens (DiffMoE's global pool across ranks).
+
+    affinity_TE: [T, E] local affinities (with gradient); pooled_TE: [T_pool, E] the affinities of the
+    whole pool (the local ones included, no gradient). Each expert takes its top-`capacity` tokens of the
+    pool; locally that is the tokens whose affinity reaches the expert's pool cut-off, of which at most
+    `slots` (the static local shape) are kept. Returns idx_EX, gate_EX, valid_EX ([E, slots]) and the
+    cut-off [E].
+    """
+    cutoff_E = pooled_TE.topk(capacity, dim=0).values[-1]  # [E] the C-th best affinity of the pool
+    gate_EX, idx_EX = affinity_TE.t().topk(slots, dim=1)  # [E, X] best local candidates
+    valid_EX = gate_EX >= cutoff_E.unsqueeze(1)
+    return idx_EX, gate_EX * valid_EX, valid_EX, cutoff_E
+
+
+def selected_plan(select_TE: torch.Tensor, gate_TE: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plan of an arbitrary selection: expert e processes the tokens with select_TE[:, e] (dynamic
+    inference). Padded to the busiest expert: idx_EX, gate_EX, valid_EX of shape [E, X], X = max count."""
+    X = max(1, int(select_TE.sum(0).max()))
+    sel_EX, idx_EX = select_TE.t().float().topk(X, dim=1)  # selected tokens first
+    valid_EX = sel_EX > 0
+    return idx_EX, gate_TE.t().gather(1, idx_EX) * valid_EX, valid_EX
 
 
 def expert_choice(affinity_TE: torch.Tensor, groups: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,24 +167,74 @@ def routing_stats(plan_idx_EX: torch.Tensor, valid_EX: torch.Tensor | None, prob
             "experts_per_token_frac": frac, "router_entropy": entropy}
 
 
+class CapacityPredictor(nn.Module):
+    """DiffMoE's capacity predictor: MLP D -> H -> E on the detached router input, the logit of "expert e
+    takes this token". Trained with BCE against the training-time expert choice; it never sends a
+    gradient into the network."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_experts)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_TD), approximate="tanh"))  # [T, E] logits
+
+    def init_weights(self) -> None:
+        for lin in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+
+class LocalPool:
+    """The routing pool of one process (default). parallel/ installs a pool spanning the data-parallel
+    ranks: `gather` all-gathers [T, E] scores (no gradient), `mean` all-reduces the cut-offs."""
+
+    world = 1
+
+    def gather(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        return scores_TE
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward (e.g. activation-checkpoint recomputation of a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Router(nn.Module):
     """Router of one MoE layer: W_r [D, E] on the router input x' (Eq. 4-5), then expert or token choice.
 
     The routing group comes from the config: `group`/`group_size` in training mode,
-    `inference_group`/`inference_group_size` in eval mode (see `set_inference_group`).
+    `inference_group`/`inference_group_size` in eval mode (see `set_inference_group`). Expert-choice
+    routers keep `threshold_E` [E], the EMA of the training-time cut-off scores, for "dynamic" inference;
+    diffmoe adds the capacity predictor, whose BCE loss is returned as the plan's aux_loss.
+    `load_meter`: a list to which eval forwards append (slots run, slots used, tokens).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))  # [E, D]
+        self.predictor = (CapacityPredictor(dim, cfg.predictor_hidden or dim, cfg.num_experts)
+                          if cfg.router == "diffmoe" else None)
+        self.register_buffer("threshold_E", torch.empty(cfg.num_experts))
+        self.register_buffer("threshold_updates", torch.empty(()))
         self.inference_group = cfg.inference_group
         self.inference_group_size = cfg.inference_group_size
+        self.dynamic_multiplier = cfg.dynamic_multiplier
+        self.pool = LocalPool()
+        self.load_meter: list[tuple[int, int, int]] | None = None
 
-    def set_inference_group(self, mode: str, group_size: int | None = None) -> None:
+    def set_inference_group(self, mode: str, group_size: int | None = None,
+                            multiplier: float | None = None) -> None:
         self.inference_group = mode
         if group_size is not None:
             self.inference_group_size = group_size
+        if multiplier is not None:
+            self.dynamic_multiplier = multiplier
 
     def group_for(self, batch: int, seq: int) -> tuple[int, int]:
         if self.training:
@@ -160,21 +244,44 @@ class Router(nn.Module):
     def forward(self, x_BSD: torch.Tensor, collect_stats: bool = True) -> RoutingPlan:
         B, S, D = x_BSD.shape
         T = B * S
-        groups, G = self.group_for(B, S)
         # Router in (at least) fp32: affinities decide discrete choices; keep them stable under bf16.
         dt = torch.promote_types(x_BSD.dtype, torch.float32)
         with torch.autocast(x_BSD.device.type, enabled=False):
-            logits_TE = F.linear(x_BSD.reshape(T, D).to(dt), self.weight.to(dt))
+            x_TD = x_BSD.reshape(T, D).to(dt)
+            logits_TE = F.linear(x_TD, self.weight.to(dt))
+            pred_TE = None if self.predictor is None else self.predictor(x_TD.detach())  # [T, E] logits
         probs_TE = logits_TE.softmax(dim=-1)  # affinity A (Eq. 5)
+        if not self.training and self.inference_group == "dynamic":
+            return self._dynamic(probs_TE, pred_TE, collect_stats)
+        groups, G = self.group_for(B, S)
         cap = self.cfg.capacity(G)
-        if self.cfg.router == "expert_choice":
-            idx, gate = expert_choice(probs_TE, groups, cap)
-            valid, aux = None, probs_TE.new_zeros(())
-            extra = {}
-        else:
+        extra: dict[str, torch.Tensor] = {}
+        valid, aux = None, probs_TE.new_zeros(())
+        if self.cfg.router == "token_choice":
             idx, gate, valid, keep_TK = token_choice(probs_TE, groups, self.cfg.top_k, cap)
             aux = self.cfg.aux_loss_weight * load_balancing_loss(probs_TE, probs_TE.argmax(-1), groups)
             extra = {"drop_rate": 1.0 - keep_TK.float().mean().detach(), "aux_loss": aux.detach()}
+        else:
+            score_TE = probs_TE.detach() if pred_TE is None else pred_TE.detach().sigmoid()
+            if self.training and self.cfg.global_pool and self.pool.world > 1:
+                pooled = self.pool.gather(torch.cat([probs_TE.detach(), score_TE], dim=1))  # [W*T, 2E]
+                E = self.cfg.num_experts
+                cap = self.cfg.capacity(pooled.shape[0])
+                slots = min(T, math.ceil(self.cfg.pool_slack * self.cfg.capacity(T)))
+                idx, gate, valid, cut_E = global_expert_choice(probs_TE, pooled[:, :E], cap, slots)
+                extra["pool_overflow"] = 1.0 - valid.sum() / (probs_TE.detach() >= cut_E).sum().clamp_min(1)
+                score_cut_E = pooled[:, E:].topk(cap, dim=0).values[-1]
+            else:
+                idx, gate = expert_choice(probs_TE, groups, cap)
+                score_cut_E = self.pool.mean(_group_cutoff(score_TE, groups, cap))
+            if self.training:
+                self._track_threshold(score_cut_E)
+                extra["threshold_mean"] = self.threshold_E.mean()
+                if pred_TE is not None:
+                    aux, extra_pred = self._predictor_loss(pred_TE, idx, valid, groups, cap)
+                    extra.update(extra_pred)
+        if self.load_meter is not None and not self.training:
+            self.load_meter.append((idx.numel(), idx.numel() if valid is None else int(valid.sum()), T))
         stats = {}
         if collect_stats:
             stats = routing_stats(idx, valid, probs_TE.detach(), T)
@@ -182,9 +289,68 @@ class Router(nn.Module):
             stats["capacity"] = torch.tensor(float(cap))
         return RoutingPlan(idx, gate, valid, aux, T, stats)
 
+    # ---- expert-choice thresholds and the capacity predictor ------------------------------------
+    @torch.no_grad()
+    def _track_threshold(self, cut_E: torch.Tensor) -> None:
+        if _in_backward():  # activation-checkpoint recomputation: this step was already counted
+            return
+        w = torch.where(self.threshold_updates > 0, 1.0 - self.cfg.threshold_decay, 1.0)
+        self.threshold_E.lerp_(cut_E.to(self.threshold_E.dtype), w)
+        self.threshold_updates.add_(1)
+
+    def _predictor_loss(self, pred_TE: torch.Tensor, idx_EX: torch.Tensor, valid_EX: torch.Tensor | None,
+                        groups: int, cap: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted BCE of the predictor against "expert e took token t", and its selection accuracy:
+        the fraction of each expert's predicted top-C tokens (per group) that the expert really took
+        (chance: C / G)."""
+        T, E = pred_TE.shape
+        taken_TE = torch.zeros_like(pred_TE)
+        taken_TE[idx_EX.reshape(-1), torch.arange(E, device=idx_EX.device).repeat_interleave(idx_EX.shape[1])] = (
+            1.0 if valid_EX is None else valid_EX.reshape(-1).to(pred_TE.dtype))
+        bce = F.binary_cross_entropy_with_logits(pred_TE, taken_TE)
+        with torch.no_grad():
+            G = T // groups
+            top_NEC = pred_TE.detach().view(groups, G, E).transpose(1, 2).topk(cap, dim=-1).indices
+            taken_NEG = taken_TE.view(groups, G, E).transpose(1, 2)
+            acc = taken_NEG.gather(-1, top_NEC).mean()
+        return self.cfg.predictor_weight * bce, {"predictor_bce": bce.detach(), "predictor_acc": acc}
+
+    def _dynamic(self, probs_TE: torch.Tensor, pred_TE: torch.Tensor | None, collect_stats: bool) -> RoutingPlan:
+        """Batch-independent routing: expert-choice routers let each expert take the tokens whose score
+        (predictor probability for diffmoe, else the affinity) reaches threshold * multiplier; token choice
+        sends every token to its top-k experts without a capacity limit."""
+        T, E = probs_TE.shape
+        if self.cfg.router == "token_choice":
+            top_p, top_e = probs_TE.topk(self.cfg.top_k, dim=-1)
+            gate_TE = torch.zeros_like(probs_TE).scatter(1, top_e, top_p / top_p.sum(-1, keepdim=True))
+            select_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, top_e, True)
+        else:
+            if not bool(self.threshold_updates > 0):
+                raise RuntimeError("dynamic routing needs the expert thresholds learnt in training "
+                                   "(Router.threshold_E was never updated); train first or use another mode")
+            score_TE = probs_TE if pred_TE is None else pred_TE.sigmoid()
+            select_TE = score_TE >= self.threshold_E.to(score_TE.dtype) * self.dynamic_multiplier
+            gate_TE = probs_TE
+        idx, gate, valid = selected_plan(select_TE, gate_TE)
+        if self.load_meter is not None:
+            self.load_meter.append((idx.numel(), int(valid.sum()), T))
+        stats = {}
+        if collect_stats:
+            stats = routing_stats(idx, valid, probs_TE.detach(), T)
+            stats["capacity"] = valid.float().sum(1).mean()
+        return RoutingPlan(idx, gate, valid, probs_TE.new_zeros(()), T, stats)
+
     def init_weights(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
+        self.threshold_E.zero_()
+        self.threshold_updates.zero_()
 
 
-__all__ = ["RoutingPlan", "Router", "routing_groups", "expert_choice", "token_choice",
-           "load_balancing_loss", "routing_stats"]
+def _group_cutoff(score_TE: torch.Tensor, groups: int, cap: int) -> torch.Tensor:
+    """[E] the cap-th best score of each expert in each group, averaged over the groups."""
+    T, E = score_TE.shape
+    return score_TE.view(groups, T // groups, E).topk(cap, dim=1).values[:, -1].mean(0)
+
+
+__all__ = ["RoutingPlan", "Router", "CapacityPredictor", "LocalPool", "routing_groups", "expert_choice",
+           "global_expert_choice", "selected_plan", "token_choice", "load_balancing_loss", "routing_stats"]

@@ -40,10 +40,17 @@ class ModelCfg:
     group_size: int | None = None
     inference_group: str | None = None
     inference_group_size: int | None = None
+    predictor_weight: float | None = None
+    predictor_hidden: int | None = None
+    threshold_decay: float | None = None
+    dynamic_multiplier: float | None = None
+    global_pool: bool | None = None
+    pool_slack: float | None = None
 
 
 MOE_FIELDS = ("num_experts", "router", "capacity_factor", "top_k", "tc_capacity_factor", "aux_loss_weight",
-              "group", "group_size", "inference_group", "inference_group_size")
+              "group", "group_size", "inference_group", "inference_group_size", "predictor_weight",
+              "predictor_hidden", "threshold_decay", "dynamic_multiplier", "global_pool", "pool_slack")
 
 
 @dataclass

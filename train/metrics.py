@@ -30,7 +30,8 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> flo
 
 def moe_scalars(moe_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Per MoE layer: load of every expert (fraction of the layer's slots), fraction of tokens processed
-    by 0, 1, ..., E experts, router entropy, and token choice's drop rate / aux loss."""
+    by 0, 1, ..., E experts, router entropy, realised capacity per expert, token choice's drop rate / aux
+    loss, DiffMoE's predictor accuracy / BCE, the global pool's overflow and the mean expert threshold."""
     out: dict[str, float] = {}
     for i, s in enumerate(moe_stats):
         p = f"moe/layer{i}"
@@ -41,7 +42,9 @@ def moe_scalars(moe_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
             out[f"{p}/tokens_by_{k}_experts"] = v
         out[f"{p}/router_entropy"] = float(s["router_entropy"])
         out[f"{p}/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
-        for key in ("drop_rate", "aux_loss"):
+        for e, v in enumerate((load / max(1, s["expert_count"].numel())).tolist()):
+            out[f"{p}/capacity_frac/e{e}"] = v  # tokens the expert processed / tokens of the layer
+        for key in ("drop_rate", "aux_loss", "predictor_acc", "predictor_bce", "pool_overflow", "threshold_mean"):
             if key in s:
                 out[f"{p}/{key}"] = float(s[key])
     return out

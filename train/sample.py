@@ -27,14 +27,16 @@ import re
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from model.config import GROUP_MODES, ConfigError, DiTConfig, config_from_dict
+from model.config import INFERENCE_MODES, ConfigError, DiTConfig, config_from_dict
 from model.dit import DiT, build_model
+from model.flops import sample_flops_per_image
 from model.flow import cfg_velocity, euler_sample, interpolate
 from model.routing import Router
 from train.checkpoint import STEP_PREFIX, Checkpointer, load_exported
@@ -61,8 +63,53 @@ def prompt_noise(seed: int, index: int, shape_CHW: Sequence[int]) -> torch.Tenso
     return torch.randn(tuple(shape_CHW), generator=g)
 
 
+ROUTING_MODES = INFERENCE_MODES  # tokens (the paper's G), sample (per image), batch, dynamic (thresholds)
+
+
 def _routers(model: torch.nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def _check_routing(routing: str, multiplier: float | None) -> None:
+    if routing not in ROUTING_MODES:
+        raise SampleError(f"routing={routing!r} must be one of {ROUTING_MODES}")
+    if multiplier is not None and multiplier <= 0:
+        raise SampleError(f"dynamic multiplier={multiplier} must be > 0")
+
+
+@contextmanager
+def inference_routing(model: DiT, routing: str, group_size: int | None = None, multiplier: float | None = None):
+    """Eval mode with the given MoE inference routing; the model's mode and routing are restored after."""
+    _check_routing(routing, multiplier)
+    routers = _routers(model)
+    saved = (model.training, [(r.inference_group, r.inference_group_size, r.dynamic_multiplier) for r in routers])
+    model.eval()
+    model.set_inference_routing(routing, group_size, multiplier)
+    try:
+        yield model
+    finally:
+        model.train(saved[0])
+        for r, (mode, size, mult) in zip(routers, saved[1]):
+            r.set_inference_group(mode, size, mult)
+
+
+@contextmanager
+def expert_load(model: DiT):
+    """Measure the expert work of eval forwards: yields a dict filled on exit with, per MoE layer,
+    experts_per_token (slots used / tokens; the useful compute) and slots_run_per_token (slots computed,
+    incl. the padding of dynamic plans and token choice's empty slots)."""
+    routers = _routers(model)
+    for r in routers:
+        r.load_meter = []
+    result: dict[str, list[float]] = {}
+    try:
+        yield result
+    finally:
+        for r in routers:
+            run, used, tokens = (sum(v) for v in zip(*r.load_meter)) if r.load_meter else (0, 0, 0)
+            result.setdefault("experts_per_token", []).append(used / max(1, tokens))
+            result.setdefault("slots_run_per_token", []).append(run / max(1, tokens))
+            r.load_meter = None
 
 
 def _check_group_size(routing: str, group_size: int | None, batch_sizes: set[int], tokens: int) -> None:
@@ -83,10 +130,9 @@ def _check_group_size(routing: str, group_size: int | None, batch_sizes: set[int
 def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str], steps: int = 20,
                      guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
                      group_size: int | None = None, shift: float = 1.0,
-                     log: Callable[[str], None] | None = None) -> torch.Tensor:
+                     log: Callable[[str], None] | None = None, multiplier: float | None = None) -> torch.Tensor:
     """Latents [N, C, h, w] (fp32, CPU) for `prompts` (see `generate`)."""
-    if routing not in GROUP_MODES:
-        raise SampleError(f"routing={routing!r} must be one of {GROUP_MODES}")
+    _check_routing(routing, multiplier)
     if not prompts:
         raise SampleError("no prompts to sample")
     if batch_size < 1:
@@ -102,13 +148,9 @@ def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str],
         _check_group_size(routing, G, {min(batch_size, N), N % batch_size or batch_size}, cfg.num_tokens)
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
-    routers = _routers(model)
-    saved = (model.training, [(r.inference_group, r.inference_group_size) for r in routers])
-    model.eval()
-    model.set_inference_routing(routing, group_size)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     out: list[torch.Tensor] = []
-    try:
+    with inference_routing(model, routing, group_size, multiplier):
         for start in range(0, N, batch_size):
             batch = list(prompts[start:start + batch_size])
             t0 = time.perf_counter()
@@ -120,10 +162,6 @@ def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str],
             out.append(x.float().cpu())
             if log is not None:
                 log(f"[sample] {start + len(batch)}/{N} prompts ({steps} steps, {time.perf_counter() - t0:.1f}s)")
-    finally:
-        model.train(saved[0])
-        for r, (mode, size) in zip(routers, saved[1]):
-            r.set_inference_group(mode, size)
     return torch.cat(out)
 
 
@@ -131,17 +169,18 @@ def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str],
 def generate(model: DiT, text_encoder: Callable, vae, prompts: Sequence[str], steps: int = 20,
              guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
              group_size: int | None = None, shift: float = 1.0,
-             log: Callable[[str], None] | None = None) -> torch.Tensor:
+             log: Callable[[str], None] | None = None, multiplier: float | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] (fp32, CPU) for `prompts`, with CFG scale `guidance` and
     `steps` Euler steps; prompt i starts from `prompt_noise(seed, i)`.
 
     text_encoder(captions) -> (emb [B, L, text_dim], mask [B, L]); vae.decode(latents) -> images.
-    `routing` is the MoE inference group ("sample": batch-independent; "tokens" with `group_size`,
-    default the model's inference_group_size; "batch"). The model's train/eval mode and routing
-    settings are restored afterwards.
+    `routing` is the MoE inference routing ("sample": capacity per image, batch-independent; "tokens"
+    with `group_size`, default the model's inference_group_size: the paper's; "batch"; "dynamic":
+    per-expert thresholds scaled by `multiplier`, batch-independent). The model's train/eval mode and
+    routing settings are restored afterwards.
     """
     latents = generate_latents(model, text_encoder, prompts, steps, guidance, seed, batch_size, routing,
-                               group_size, shift, log)
+                               group_size, shift, log, multiplier)
     return decode(vae, latents, batch_size)
 
 
@@ -154,28 +193,18 @@ def decode(vae, latents_NCHW: torch.Tensor, batch_size: int = 8) -> torch.Tensor
 
 @torch.no_grad()
 def routing_maps(model: DiT, text_encoder: Callable, prompts: Sequence[str], latents_NCHW: torch.Tensor,
-                 t: float = 0.5, seed: int = 0, routing: str = "sample", group_size: int | None = None
-                 ) -> list[torch.Tensor]:
+                 t: float = 0.5, seed: int = 0, routing: str = "sample", group_size: int | None = None,
+                 multiplier: float | None = None) -> list[torch.Tensor]:
     """Per MoE layer, expert_count [N*S] (experts that took each token) of one conditional forward on
     the noised latents x_t = (1 - t) * latents + t * noise (noise of prompt i as in `generate`)."""
-    if routing not in GROUP_MODES:
-        raise SampleError(f"routing={routing!r} must be one of {GROUP_MODES}")
     p = next(model.parameters())
-    routers = _routers(model)
-    saved = (model.training, [(r.inference_group, r.inference_group_size) for r in routers])
-    model.eval()
-    model.set_inference_routing(routing, group_size)
-    try:
+    with inference_routing(model, routing, group_size, multiplier):
         N = latents_NCHW.shape[0]
         emb_BLD, mask_BL = text_encoder(list(prompts))
         noise = torch.stack([prompt_noise(seed, i, latents_NCHW.shape[1:]) for i in range(N)])
         x_t = interpolate(latents_NCHW.float(), noise, torch.full((N,), float(t)))
         out = model(x_t.to(p.device, p.dtype), torch.full((N,), float(t), device=p.device, dtype=p.dtype),
                     emb_BLD.to(p.device, p.dtype), mask_BL.to(p.device), collect_stats=True)
-    finally:
-        model.train(saved[0])
-        for r, (mode, size) in zip(routers, saved[1]):
-            r.set_inference_group(mode, size)
     return [s["expert_count"].cpu() for s in out.moe_stats]
 
 
@@ -306,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule (>1: more steps at high noise)")
     p.add_argument("--seed", type=int, default=0, help="noise of prompt i is seeded with (seed, i)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (x2 with CFG)")
-    p.add_argument("--routing", choices=GROUP_MODES, default="sample",
-                   help="MoE inference routing group: sample = batch-independent")
+    p.add_argument("--routing", choices=ROUTING_MODES, default="sample",
+                   help="MoE inference routing: sample = capacity per image, dynamic = per-expert thresholds "
+                        "(both batch-independent), tokens = groups of --group-size tokens across the batch")
+    p.add_argument("--dynamic-multiplier", type=float, default=None,
+                   help="--routing dynamic: threshold multiplier (>1 fewer tokens per expert, <1 more; "
+                        "default the model's, 1.0)")
     p.add_argument("--group-size", type=int, default=None,
                    help="tokens per routing group with --routing tokens (default: the model's inference_group_size)")
     p.add_argument("--out", default="samples", help="output folder")
@@ -365,8 +398,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[sample] {len(prompts)} prompts, text encoder {dcfg.text_encoder}, vae {dcfg.vae}, {args.steps} steps, "
           f"guidance {args.guidance}, routing {args.routing}, seed {args.seed}")
 
-    latents = generate_latents(model, text_encoder, prompts, args.steps, args.guidance, args.seed, args.batch_size,
-                               args.routing, args.group_size, args.shift, log=print)
+    with expert_load(model) as load:
+        latents = generate_latents(model, text_encoder, prompts, args.steps, args.guidance, args.seed,
+                                   args.batch_size, args.routing, args.group_size, args.shift, log=print,
+                                   multiplier=args.dynamic_multiplier)
     images = decode(vae, latents, args.batch_size)  # [N, 3, H, W]
 
     out = Path(args.out)
@@ -389,6 +424,10 @@ def _run(args: argparse.Namespace) -> int:
         files.append(save_png(heat, out / "experts.png"))
     meta = {"checkpoint": str(folder), "model": cfg.name, "steps": args.steps, "guidance": args.guidance,
             "shift": args.shift, "seed": args.seed, "routing": args.routing, "group_size": args.group_size,
+            "dynamic_multiplier": args.dynamic_multiplier, "experts_per_token": load.get("experts_per_token"),
+            # per image and Euler step (cond + uncond): with the expert slots computed, and the useful ones
+            "flops_per_image_step": sample_flops_per_image(cfg, args.routing, load.get("slots_run_per_token")),
+            "useful_flops_per_image_step": sample_flops_per_image(cfg, args.routing, load.get("experts_per_token")),
             "data": {k: getattr(dcfg, k) for k in DATA_KEYS}, "samples": records}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     files.append(out / "samples.json")

@@ -25,6 +25,7 @@ from model.flops import train_step_flops
 from model.flow import flow_loss
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
+from parallel.routing_pool import install_routing_pool
 
 from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config
 from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng
@@ -139,6 +140,13 @@ def run(cfg: AppConfig) -> dict:
 
 
 def _build(mcfg, pcfg, tc, world, device) -> DiT:
+    model = _build_parallel(mcfg, pcfg, tc, world, device)
+    if world > 1:  # expert thresholds (and DiffMoE's global pool) span the data-parallel ranks
+        install_routing_pool(model)
+    return model
+
+
+def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
     if pcfg.engine == "deepspeed":  # DeepSpeed shards (ZeRO) inside deepspeed.initialize
         return build_model(mcfg, device=device, seed=tc.seed)
     mesh = build_mesh(pcfg, world, device.type) if world > 1 else None

@@ -19,7 +19,7 @@ def counted(fn) -> int:
 
 
 @pytest.mark.parametrize("name, over", [
-    ("tiny-ec", {}), ("tiny-tc", {}), ("tiny-dense", {}),
+    ("tiny-ec", {}), ("tiny-tc", {}), ("tiny-dense", {}), ("tiny-diffmoe", {}),
     ("tiny-ec", dict(moe=dict(group="sample", capacity_factor=1.0))),
     ("tiny-ec", dict(mask_ratio=0.0, kv_heads=4)),
 ])
@@ -39,7 +39,7 @@ def test_train_step_flops_match_flop_counter(name, over):
     assert predicted == measured  # exact, in fact: the formula mirrors what autograd runs
 
 
-@pytest.mark.parametrize("name", ["tiny-ec", "tiny-tc", "tiny-dense"])
+@pytest.mark.parametrize("name", ["tiny-ec", "tiny-tc", "tiny-dense", "tiny-diffmoe"])
 def test_sample_step_flops_match_flop_counter(name):
     cfg = get_preset(name, moe=None if name == "tiny-dense" else dict(inference_group="sample"))
     model = build_model(cfg, seed=0).eval()
