@@ -128,12 +128,20 @@ def score_image(image: np.ndarray, prompt: dict) -> tuple[bool, str]:
     return True, "ok"
 
 
-def score_batch(images, prompts) -> dict:
-    """GenEval-like summary: accuracy per category and overall (mean of the categories present)."""
+def summarize(categories, correct) -> dict:
+    """GenEval-like summary of per-image results: accuracy per category and overall (mean of the
+    categories present), n, and sample_accuracy (fraction of all images)."""
     hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    for image, prompt in zip(images, prompts):
-        hits[prompt["category"]].append(score_image(np.asarray(image), prompt)[0])
+    for category, ok in zip(categories, correct):
+        hits[category].append(bool(ok))
     per = {c: float(np.mean(v)) for c, v in hits.items() if v}
     n = sum(len(v) for v in hits.values())
     return dict(overall=float(np.mean(list(per.values()))) if per else 0.0, per_category=per, n=n,
                 sample_accuracy=sum(sum(v) for v in hits.values()) / max(1, n))
+
+
+def score_batch(images, prompts) -> dict:
+    """GenEval-like summary (see `summarize`) of images (uint8 [H, W, 3] each) against their prompts."""
+    prompts = list(prompts)
+    return summarize([p["category"] for p in prompts],
+                     [score_image(np.asarray(image), p)[0] for image, p in zip(images, prompts)])

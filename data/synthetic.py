@@ -6,7 +6,13 @@ states what the scorer (data/scorer.py) can check: count, color, shape and spati
 two_objects, counting, colors, position, color_attr. Sample i depends only on (seed, i), so any range can
 be generated independently and the set is deterministic. Written as WebDataset shards: png + txt + json.
 
-CLI: python -m data.synthetic --out data/shapes --num-samples 5000
+Held-out compositions: by default (holdout=True) no sample ever shows a (color, shape) pair of
+HELDOUT_PAIRS, neither stated in the caption nor drawn for a shape whose color the caption leaves open,
+so `heldout_prompts` measures compositional generalisation (every color and every shape is still seen,
+only these pairings are not); `training_prompts` gives in-distribution prompts for comparison.
+`parse_caption` inverts `caption_of`.
+
+CLI: python -m data.synthetic --out data/shapes --num-samples 5000 [--no-holdout]
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", 
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 GAP = 2  # min pixels between objects' boxes, so connected components never merge
+# (color, shape) pairs absent from the training set (holdout=True): one per shape, four different colors,
+# so every color keeps >= 3 shapes and every shape 5 colors in training.
+HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("purple", "square")})
+# Categories whose captions state a color (the ones a held-out pair can be asked for in).
+COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
 
 
 def _phrase(count: int, color: str | None, shape: str) -> str:
@@ -86,6 +97,16 @@ def _prompt(rng: np.random.Generator, category: str) -> dict:
     return dict(category=category, groups=groups, relation=relation)
 
 
+def stated_heldout(prompt: dict) -> list[tuple[str, str]]:
+    """The held-out (color, shape) pairs a prompt states (groups with a color only)."""
+    return [(g["color"], g["shape"]) for g in prompt["groups"] if (g["color"], g["shape"]) in HELDOUT_PAIRS]
+
+
+def free_colors(shape: str, holdout: bool = True) -> list[str]:
+    """Colors that may be drawn for a `shape` whose color the caption leaves open."""
+    return [c for c in COLORS if not (holdout and (c, shape) in HELDOUT_PAIRS)]
+
+
 def caption_of(prompt: dict) -> str:
     """The caption text of a prompt structure."""
     parts = [_phrase(g["count"], g["color"], g["shape"]) for g in prompt["groups"]]
@@ -106,7 +127,7 @@ def _region(relation: str | None, group: int, size: int) -> tuple[int, int, int,
     return (lo, 1, hi, size - 2) if relation in ("left of", "right of") else (1, lo, size - 2, hi)
 
 
-def _place(rng, prompt, size) -> list[dict] | None:
+def _place(rng, prompt, size, holdout: bool = False) -> list[dict] | None:
     """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
     smin, smax = max(5, round(7 * size / 32)), max(6, round(11 * size / 32))
     objects, boxes = [], []
@@ -124,19 +145,35 @@ def _place(rng, prompt, size) -> list[dict] | None:
             else:
                 return None
             boxes.append(box)
-            color = g["color"] or list(COLORS)[int(rng.integers(len(COLORS)))]
+            if g["color"] is None:
+                free = free_colors(g["shape"], holdout)
+                color = free[int(rng.integers(len(free)))]
+            else:
+                color = g["color"]
             objects.append(dict(shape=g["shape"], color=color, box=list(box), group=gi))
     return objects
 
 
-def generate_sample(index: int, seed: int = 0, image_size: int = 32) -> tuple[np.ndarray, str, dict]:
-    """Sample `index` of the set: (image uint8 [H, W, 3], caption, prompt structure incl. objects)."""
-    rng = np.random.default_rng([seed, index])
+def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool) -> tuple[dict, list[dict]]:
+    """(prompt, placed objects) of one sample: category uniform; with `holdout` a prompt stating a
+    held-out pair is redrawn within its category (so categories stay uniform) and open colors avoid them.
+    holdout=False consumes the generator exactly as before held-out pairs existed."""
     while True:
-        prompt = _prompt(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
-        objects = _place(rng, prompt, image_size)
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        prompt = _prompt(rng, category)
+        while holdout and stated_heldout(prompt):
+            prompt = _prompt(rng, category)
+        objects = _place(rng, prompt, image_size, holdout)
         if objects is not None:
-            break
+            return prompt, objects
+
+
+def generate_sample(index: int, seed: int = 0, image_size: int = 32,
+                    holdout: bool = True) -> tuple[np.ndarray, str, dict]:
+    """Sample `index` of the set: (image uint8 [H, W, 3], caption, prompt structure incl. objects).
+    holdout=True: no object is a (color, shape) pair of HELDOUT_PAIRS."""
+    rng = np.random.default_rng([seed, index])
+    prompt, objects = _draw_prompt(rng, image_size, holdout)
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
@@ -145,9 +182,86 @@ def generate_sample(index: int, seed: int = 0, image_size: int = 32) -> tuple[np
     return np.asarray(img), caption_of(prompt), prompt
 
 
-def encode_sample(index: int, seed: int, image_size: int) -> dict:
+def training_prompts(n: int, seed: int = 0, image_size: int = 32) -> list[dict]:
+    """`n` in-distribution prompt structures (category, groups, relation): drawn exactly as the training
+    captions are (held-out pairs excluded), from a random stream of their own (not samples 0..n-1)."""
+    return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True)[0]) for i in range(n)]
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
+    """`n` prompt structures that each state a held-out (color, shape) pair: prompt i asks for pair
+    i // 4 % 4 (sorted) in category COLOR_CATEGORIES[i % 4], the rest of it drawn as in training
+    (so the first 16 cover every pair in every color-stating category). Deterministic in (n, seed)."""
+    pairs = sorted(HELDOUT_PAIRS)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 2])
+        category = COLOR_CATEGORIES[i % len(COLOR_CATEGORIES)]
+        pair = pairs[(i // len(COLOR_CATEGORIES)) % len(pairs)]
+        while True:  # rejection: about 1 in 12-24 draws states the wanted pair
+            prompt = _prompt(rng, category)
+            if pair in stated_heldout(prompt):
+                break
+        out.append(_strip(prompt))
+    return out
+
+
+def _strip(prompt: dict) -> dict:
+    return dict(category=prompt["category"], groups=[dict(g) for g in prompt["groups"]], relation=prompt["relation"])
+
+
+_NUMBER_WORDS = {w: n for n, w in NUMBERS.items()}
+
+
+def _parse_phrase(words: list[str], caption: str) -> dict:
+    bad = ValueError(f"caption {caption!r} does not parse: expected '<a|two|three|four> [color] <shape>' "
+                     f"phrases joined by ' and ' or one of {', '.join(RELATIONS)}")
+    if len(words) not in (2, 3) or words[0] not in _NUMBER_WORDS:
+        raise bad
+    count, color, noun = _NUMBER_WORDS[words[0]], (words[1] if len(words) == 3 else None), words[-1]
+    if color is not None and color not in COLORS:
+        raise bad
+    shape = noun[:-1] if count > 1 and noun.endswith("s") else noun
+    if shape not in SHAPES or (count > 1) != (noun != shape):  # "two circle" / "a circles"
+        raise bad
+    return dict(count=count, color=color, shape=shape)
+
+
+def parse_caption(text: str) -> dict:
+    """The prompt structure (category, groups, relation) of a caption: the inverse of `caption_of`.
+    Case and extra spaces are ignored; two phrases joined by " and " are color_attr when a color is stated
+    (else two_objects). ValueError naming the caption when it is not in the grammar."""
+    words = text.lower().split()
+    relation, split = None, None
+    for r in RELATIONS:
+        rw = r.split()
+        hits = [k for k in range(1, len(words) - len(rw)) if words[k:k + len(rw)] == rw]
+        if hits:
+            relation, split = r, (hits[0], hits[0] + len(rw))
+            break
+    if relation is None and "and" in words:
+        k = words.index("and")
+        split = (k, k + 1)
+    if split is None:
+        groups = [_parse_phrase(words, text)]
+    else:
+        groups = [_parse_phrase(words[:split[0]], text), _parse_phrase(words[split[1]:], text)]
+    if len(groups) == 2 and (groups[0]["color"], groups[0]["shape"]) == (groups[1]["color"], groups[1]["shape"]):
+        raise ValueError(f"caption {text!r} names the same object twice (write e.g. 'two circles')")
+    if relation is not None:
+        category = "position"
+    elif len(groups) == 2:
+        category = "color_attr" if any(g["color"] for g in groups) else "two_objects"
+    elif groups[0]["count"] > 1:
+        category = "counting"
+    else:
+        category = "colors" if groups[0]["color"] else "single_object"
+    return dict(category=category, groups=groups, relation=relation)
+
+
+def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True) -> dict:
     """One WebDataset sample: png (lossless, so colors stay exact), txt and json."""
-    image, caption, prompt = generate_sample(index, seed, image_size)
+    image, caption, prompt = generate_sample(index, seed, image_size, holdout)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(prompt).encode()}
@@ -159,17 +273,32 @@ def shard_pattern(out: str, num_shards: int) -> str:
 
 
 def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size: int = 32, seed: int = 0,
-                 progress: bool = True) -> str:
+                 progress: bool = True, holdout: bool = True) -> str:
     """Write `num_samples` samples into shards of `shard_size`; returns the brace pattern.
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
-    complete shards are kept (they are deterministic in (seed, index, image_size)).
+    complete shards are kept (they are deterministic in (seed, index, image_size, holdout)), so `out`
+    must not hold shards written with other settings (checked against its shapes.json: ValueError).
+    shapes.json records the settings, `holdout` and the `heldout_pairs` absent from the set.
     """
     import webdataset as wds
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
     num_shards = (num_samples + shard_size - 1) // shard_size
+    meta_path = os.path.join(out, "shapes.json")
+    settings = dict(shard_size=shard_size, image_size=image_size, seed=seed, holdout=holdout)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        old.setdefault("holdout", False)  # written before held-out pairs existed: the holdout=False content
+        diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out} holds shards written with {', '.join(diff)}; use another --out or delete it")
+    meta = dict(num_samples=num_samples, **settings, heldout_pairs=sorted(HELDOUT_PAIRS) if holdout else [],
+                shards=shard_pattern(out, num_shards), colors=COLORS, shapes=SHAPES, categories=CATEGORIES)
+    with open(meta_path, "w") as f:  # before the shards, so an interrupted run is checked on resume too
+        json.dump(meta, f, indent=1)
     bar = tqdm(total=num_samples, unit="img", desc="shapes", disable=not progress, file=sys.stderr)
     for s in range(num_shards):
         path = os.path.join(out, f"shapes-{s:06d}.tar")
@@ -179,13 +308,10 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
             continue
         with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:  # encoder=False: bytes only, no pickle
             for i in range(lo, hi):
-                sink.write(encode_sample(i, seed, image_size))
+                sink.write(encode_sample(i, seed, image_size, holdout))
                 bar.update(1)
         os.replace(path + ".tmp", path)
     bar.close()
-    with open(os.path.join(out, "shapes.json"), "w") as f:
-        json.dump(dict(num_samples=num_samples, shard_size=shard_size, image_size=image_size, seed=seed,
-                       shards=shard_pattern(out, num_shards), colors=COLORS, shapes=SHAPES, categories=CATEGORIES), f, indent=1)
     return shard_pattern(out, num_shards)
 
 
@@ -199,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--image-size", type=int, default=32, help="image side in pixels, >= 24 (default 32)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--no-holdout", action="store_true",
+                   help="also draw the held-out (color, shape) pairs "
+                   + ", ".join(" ".join(x) for x in sorted(HELDOUT_PAIRS))
+                   + " (default: never in the set, for evaluating compositional generalisation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     for name, low in (("num_samples", 1), ("shard_size", 1), ("image_size", 24)):
@@ -206,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"error: --{name.replace('_', '-')} must be >= {low} (got {getattr(a, name)})\n")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.exit(2, f"error: --out {a.out} exists and is not a directory\n")
-    pattern = write_shards(a.out, a.num_samples, a.shard_size, a.image_size, a.seed, progress=not a.no_progress)
+    try:
+        pattern = write_shards(a.out, a.num_samples, a.shard_size, a.image_size, a.seed, progress=not a.no_progress,
+                               holdout=not a.no_holdout)
+    except ValueError as e:
+        p.exit(2, f"error: --out {e}\n")
     print(f"wrote {a.num_samples} samples: {pattern}")
     return 0
 

@@ -1,6 +1,8 @@
-"""Shapes generator: deterministic, captions agree with the drawn objects; scorer: high on truth, low otherwise."""
+"""Shapes generator: deterministic, captions agree with the drawn objects, held-out (color, shape) pairs never
+in the training set (but present without holdout), captions parse back; scorer: high on truth, low otherwise."""
 
 import io
+import json
 import os
 import tarfile
 
@@ -9,7 +11,8 @@ import pytest
 from PIL import Image
 
 from data import scorer, synthetic
-from data.synthetic import CATEGORIES, caption_of, generate_sample
+from data.synthetic import (CATEGORIES, COLOR_CATEGORIES, HELDOUT_PAIRS, caption_of, generate_sample,
+                            heldout_prompts, parse_caption, stated_heldout, training_prompts)
 
 
 def test_deterministic_by_seed_and_index():
@@ -40,6 +43,68 @@ def test_captions_agree_with_drawn_objects():
             lo, hi = (a, b) if first_low else (b, a)
             assert max(o["box"][axis + 2] for o in lo) < min(o["box"][axis] for o in hi), caption
     assert seen == set(CATEGORIES)
+
+
+def _pairs(p):
+    """(stated pairs, drawn pairs) of a generated sample's prompt structure."""
+    return {(g["color"], g["shape"]) for g in p["groups"]}, {(o["color"], o["shape"]) for o in p["objects"]}
+
+
+def test_training_samples_never_show_a_heldout_pair():
+    stated_all, drawn_all = set(), set()
+    for i in range(2000):
+        _, caption, p = generate_sample(i, 0, 32)
+        stated, drawn = _pairs(p)
+        assert not (stated | drawn) & HELDOUT_PAIRS, (i, caption, p["objects"])
+        stated_all |= stated
+        drawn_all |= drawn
+    # every color and every shape is still trained on, and every other pair is drawn
+    assert {c for c, _ in drawn_all} == set(synthetic.COLORS) and {s for _, s in drawn_all} == set(synthetic.SHAPES)
+    assert len(drawn_all) == len(synthetic.COLORS) * len(synthetic.SHAPES) - len(HELDOUT_PAIRS)
+    # without holdout the same generator does produce them, stated and drawn for an unstated color
+    free = [generate_sample(i, 0, 32, holdout=False)[2] for i in range(600)]
+    assert HELDOUT_PAIRS <= set().union(*(_pairs(p)[0] for p in free))
+    assert any((o["color"], o["shape"]) in HELDOUT_PAIRS for p in free for o in p["objects"]
+               if p["groups"][o["group"]]["color"] is None)
+
+
+def test_heldout_prompts_state_a_heldout_pair_in_every_color_category():
+    prompts = heldout_prompts(48)
+    assert all(set(p) == {"category", "groups", "relation"} for p in prompts)
+    assert all(stated_heldout(p) for p in prompts), [caption_of(p) for p in prompts if not stated_heldout(p)]
+    assert [p["category"] for p in prompts[:8]] == list(COLOR_CATEGORIES) * 2
+    assert {pair for p in prompts[:16] for pair in stated_heldout(p)} == HELDOUT_PAIRS
+    assert prompts == heldout_prompts(48) and prompts[:10] == heldout_prompts(10)
+    assert [caption_of(p) for p in heldout_prompts(48, seed=1)] != [caption_of(p) for p in prompts]
+    train_captions = {generate_sample(i, 0, 32)[1] for i in range(1000)}
+    assert not train_captions & {caption_of(p) for p in prompts}
+
+
+def test_training_prompts_are_in_distribution():
+    prompts = training_prompts(300, seed=2)
+    assert prompts == training_prompts(300, seed=2) and prompts != training_prompts(300, seed=3)
+    assert {p["category"] for p in prompts} == set(CATEGORIES)
+    assert not any(stated_heldout(p) for p in prompts)
+    train_captions = {generate_sample(i, 0, 32)[1] for i in range(1000)}
+    assert np.mean([caption_of(p) in train_captions for p in prompts]) > 0.5  # the same (small) caption space
+
+
+def test_parse_caption_inverts_caption_of():
+    prompts = [generate_sample(i, 1, 32, holdout=False)[2] for i in range(1500)] + heldout_prompts(32)
+    for p in prompts:
+        want = {k: p[k] for k in ("category", "groups", "relation")}
+        assert parse_caption(caption_of(p)) == want, caption_of(p)
+    assert {p["category"] for p in prompts} == set(CATEGORIES)
+    assert parse_caption("  Two RED circles   LEFT OF a square ") == dict(
+        category="position", relation="left of",
+        groups=[dict(count=2, color="red", shape="circle"), dict(count=1, color=None, shape="square")])
+    assert parse_caption("a circle and a blue square")["category"] == "color_attr"
+    for bad in ["", "a red", "five circles", "a circles", "two circle", "a pink circle", "a red circle and",
+                "a circle beside a square", "a circle and a square and a diamond", "a circle and a circle",
+                "a red circle left of"]:
+        with pytest.raises(ValueError, match="caption") as e:
+            parse_caption(bad)
+        assert repr(bad) in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +157,27 @@ def test_cli_writes_shards_and_rejects_bad_input(tmp_path, capsys):
     assert len(names) == 15 and "000000024.txt" in names
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), generate_sample(20, 0, 32)[0])
     assert "wrote 25 samples" in capsys.readouterr().out
+    meta = json.loads((out / "shapes.json").read_text())
+    assert meta["holdout"] is True and sorted(map(tuple, meta["heldout_pairs"])) == sorted(HELDOUT_PAIRS)
+    # rerun with other settings into the same folder: refused (kept shards would mix two datasets)
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--out", str(out), "--num-samples", "25", "--shard-size", "10", "--no-holdout",
+                        "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "holdout=True (now False)" in err
+    free = tmp_path / "free"
+    assert synthetic.main(["--out", str(free), "--num-samples", "5", "--no-holdout", "--no-progress"]) == 0
+    meta = json.loads((free / "shapes.json").read_text())
+    assert meta["holdout"] is False and meta["heldout_pairs"] == []
+    with tarfile.open(free / "shapes-000000.tar") as tf:
+        png = tf.extractfile("000000002.png").read()  # sample 2 differs between the two modes
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), generate_sample(2, 0, 32, holdout=False)[0])
+    assert not np.array_equal(generate_sample(2, 0, 32)[0], generate_sample(2, 0, 32, holdout=False)[0])
     with pytest.raises(SystemExit) as e:
         synthetic.main(["--out", str(out), "--num-samples", "0"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--num-samples" in err
     with pytest.raises(SystemExit) as e:
         synthetic.main(["--help"])
-    assert e.value.code == 0 and "--image-size" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and "--image-size" in help_text and "--no-holdout" in help_text

@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,28 +17,12 @@ from PIL import Image
 from data.encoders import PixelVAE
 from model.flow import cfg_velocity, euler_sample
 from tests.model.helpers import tiny_model
+from tests.train.helpers import FakeText, save_tiny_checkpoints
 from train.sample import (SampleError, check_compatible, generate, load_model, main, noise_seed, prompt_noise,
                           resolve_checkpoint, slug)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow diamond", "three cyan circles"]
-
-
-class FakeText:
-    """Deterministic per-caption embeddings [B, L, dim] with a padding mask (words + 1 tokens)."""
-
-    def __init__(self, dim=32, max_len=8):
-        self.dim, self.max_len = dim, max_len
-
-    def __call__(self, captions):
-        B, L = len(captions), self.max_len
-        emb, mask = torch.zeros(B, L, self.dim), torch.zeros(B, L, dtype=torch.bool)
-        for i, c in enumerate(captions):
-            n = min(L, len(c.split()) + 1)
-            g = torch.Generator().manual_seed(zlib.crc32(c.encode()))
-            emb[i, :n] = torch.randn(n, self.dim, generator=g)
-            mask[i, :n] = True
-        return emb, mask
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +113,7 @@ def test_slug():
 def saved(tmp_path_factory):
     """A tiny EC model for the embedded encoders (MiniLM 384-dim, pixel VAE 3 channels), saved as two DCP
     step checkpoints (the CLI picks the latest) and as a safetensors export."""
-    from model.config import config_to_dict
-    from train.checkpoint import Checkpointer, export_safetensors
-
-    root = tmp_path_factory.mktemp("sample_cli")
-    model, cfg = tiny_model("tiny-ec", dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
-    data = {"text_encoder": "minilm", "vae": "pixel", "max_text_len": 8, "image_size": 8, "shards": "ignored"}
-    plain_cfg = {"model": config_to_dict(cfg), "data": data}
-    # the training app's layout: the model group under "model", the full DiTConfig under "model_resolved"
-    app_cfg = {"model": {"preset": "tiny-ec", "text_dim": 384}, "model_resolved": config_to_dict(cfg), "data": data}
-    ck = Checkpointer(root / "ckpt")
-    old, _ = tiny_model("tiny-ec", seed=5, dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
-    with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process" (intended)
-        warnings.simplefilter("ignore", UserWarning)
-        ck.save(1, old, config=plain_cfg)  # an older step with other weights
-        ck.save(2, model, config=app_cfg)
-    export_safetensors(model, root / "export")
+    root = save_tiny_checkpoints(tmp_path_factory.mktemp("sample_cli"))
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:3]) + "\n\n")
     return root
 
