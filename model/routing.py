@@ -261,9 +261,12 @@ class Router(nn.Module):
             idx, gate, valid, keep_TK = token_choice(probs_TE, groups, self.cfg.top_k, cap)
             aux = self.cfg.aux_loss_weight * load_balancing_loss(probs_TE, probs_TE.argmax(-1), groups)
             extra = {"drop_rate": 1.0 - keep_TK.float().mean().detach(), "aux_loss": aux.detach()}
+        elif not self.training:
+            idx, gate = expert_choice(probs_TE, groups, cap)
         else:
+            # Score whose training-time cut-off each expert's threshold tracks (dynamic inference).
             score_TE = probs_TE.detach() if pred_TE is None else pred_TE.detach().sigmoid()
-            if self.training and self.cfg.global_pool and self.pool.world > 1:
+            if self.cfg.global_pool and self.pool.world > 1:
                 pooled = self.pool.gather(torch.cat([probs_TE.detach(), score_TE], dim=1))  # [W*T, 2E]
                 E = self.cfg.num_experts
                 cap = self.cfg.capacity(pooled.shape[0])
@@ -274,12 +277,11 @@ class Router(nn.Module):
             else:
                 idx, gate = expert_choice(probs_TE, groups, cap)
                 score_cut_E = self.pool.mean(_group_cutoff(score_TE, groups, cap))
-            if self.training:
-                self._track_threshold(score_cut_E)
-                extra["threshold_mean"] = self.threshold_E.mean()
-                if pred_TE is not None:
-                    aux, extra_pred = self._predictor_loss(pred_TE, idx, valid, groups, cap)
-                    extra.update(extra_pred)
+            self._track_threshold(score_cut_E)
+            extra["threshold_mean"] = self.threshold_E.mean()
+            if pred_TE is not None:
+                aux, extra_pred = self._predictor_loss(pred_TE, idx, valid, groups, self.cfg.capacity(G))
+                extra.update(extra_pred)
         if self.load_meter is not None and not self.training:
             self.load_meter.append((idx.numel(), idx.numel() if valid is None else int(valid.sum()), T))
         stats = {}
@@ -301,8 +303,8 @@ class Router(nn.Module):
     def _predictor_loss(self, pred_TE: torch.Tensor, idx_EX: torch.Tensor, valid_EX: torch.Tensor | None,
                         groups: int, cap: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted BCE of the predictor against "expert e took token t", and its selection accuracy:
-        the fraction of each expert's predicted top-C tokens (per group) that the expert really took
-        (chance: C / G)."""
+        the fraction of each expert's predicted top-`cap` tokens (per local group) that the expert really
+        took (chance: cap / G)."""
         T, E = pred_TE.shape
         taken_TE = torch.zeros_like(pred_TE)
         taken_TE[idx_EX.reshape(-1), torch.arange(E, device=idx_EX.device).repeat_interleave(idx_EX.shape[1])] = (
