@@ -103,7 +103,8 @@ def score_images(images, prompts: Sequence[dict]) -> dict:
 
 def evaluate(model, text_encoder: Callable, vae, prompts: Sequence[dict], samples_per_prompt: int = 1,
              steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
-             group_size: int | None = None, shift: float = 1.0, log: Callable[[str], None] | None = None) -> dict:
+             group_size: int | None = None, shift: float = 1.0, log: Callable[[str], None] | None = None,
+             multiplier: float | None = None) -> dict:
     """Generate `samples_per_prompt` images per prompt structure (train.sample.generate; sample k of
     prompt i uses the noise of index i * samples_per_prompt + k) and score them.
 
@@ -119,7 +120,7 @@ def evaluate(model, text_encoder: Callable, vae, prompts: Sequence[dict], sample
     captions = [caption_of(p) for p in expanded]
     t0 = time.perf_counter()
     images = generate(model, text_encoder, vae, captions, steps, guidance, seed, batch_size, routing, group_size,
-                      shift, log)
+                      shift, log, multiplier)
     t1 = time.perf_counter()
     scores = score_images(images, expanded)
     t2 = time.perf_counter()
@@ -257,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule")
     p.add_argument("--seed", type=int, default=0, help="noise of image j is seeded with (seed, j)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (x2 with CFG)")
-    p.add_argument("--routing", choices=ROUTING_MODES, default="sample", help="MoE inference routing group")
+    p.add_argument("--routing", choices=ROUTING_MODES, default="sample",
+                   help="MoE inference routing: sample (per image), dynamic (per-expert thresholds), tokens, batch")
+    p.add_argument("--dynamic-multiplier", type=float, default=None,
+                   help="--routing dynamic: threshold multiplier (>1 fewer tokens per expert)")
     p.add_argument("--group-size", type=int, default=None, help="tokens per routing group with --routing tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="eval", help="output folder (eval.json, grid.png)")
@@ -291,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_args(args: argparse.Namespace) -> torch.device:
     if args.group_size is not None and args.routing != "tokens":
         raise SampleError(f"--group-size is only used with --routing tokens (got --routing {args.routing})")
+    if args.dynamic_multiplier is not None and (args.routing != "dynamic" or args.dynamic_multiplier <= 0):
+        raise SampleError(f"--dynamic-multiplier={args.dynamic_multiplier} needs --routing dynamic and a value > 0")
     for name in ("steps", "batch_size", "num_prompts", "samples_per_prompt", "nrow", "grid_max", "fid_max_real"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -330,7 +336,8 @@ def _run(args: argparse.Namespace) -> int:
           f"routing {args.routing}")
 
     r = evaluate(model, text_encoder, vae, prompts, args.samples_per_prompt, args.steps, args.guidance, args.seed,
-                 args.batch_size, args.routing, args.group_size, args.shift, log=print)
+                 args.batch_size, args.routing, args.group_size, args.shift, log=print,
+                 multiplier=args.dynamic_multiplier)
     images = r.pop("images")  # [N, 3, H, W] in [-1, 1]
 
     fid, fid_skipped, fid_backend, fid_s = None, None, None, 0.0
@@ -367,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
         settings=dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
                       prompt_seed=args.prompt_seed, split=None if args.prompt_file else args.split,
                       batch_size=args.batch_size, routing=args.routing, group_size=args.group_size,
-                      device=str(device), heldout_pairs=sorted(HELDOUT_PAIRS),
+                      dynamic_multiplier=args.dynamic_multiplier, device=str(device), heldout_pairs=sorted(HELDOUT_PAIRS),
                       data={k: getattr(dcfg, k) for k in DATA_KEYS}),
         timing=dict(load_s=load_s, generate_s=r["generate_s"], score_s=r["score_s"], fid_s=fid_s,
                     images_per_s=r["images_per_s"], total_s=time.perf_counter() - t0),

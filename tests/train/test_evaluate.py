@@ -213,6 +213,7 @@ def test_cli_bad_input_fails_with_one_line(saved, tmp_path, capsys):
         (["--checkpoint", ck, "--num-prompts", "0"], "--num-prompts=0"),
         (["--checkpoint", ck, "--samples-per-prompt", "0"], "--samples-per-prompt=0"),
         (["--checkpoint", ck, "--group-size", "64"], "--group-size"),
+        (["--checkpoint", ck, "--dynamic-multiplier", "1.5"], "--dynamic-multiplier"),
         (["--checkpoint", ck, "--fid-real", str(tmp_path / "no_dir")], "--fid-real"),
         (["--checkpoint", ck, "--fid-real", str(tmp_path / "s-{0..1}.tar")], "--fid-real"),
         (["--checkpoint", ck, "--fid-real", str(tmp_path)], "holds no .png/.jpg images"),

@@ -80,6 +80,39 @@ def test_sample_routing_is_batch_independent_and_token_groups_are_not(tiny):
             for b in model.blocks if b.is_moe] == routers_before
 
 
+@pytest.mark.parametrize("name", ["tiny-diffmoe", "tiny-ec"])
+def test_dynamic_generation_is_batch_independent_metered_and_counted(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.flops import sample_flops_per_image
+    from tests.model.helpers import tiny_batch
+    from train.sample import expert_load
+    model, cfg = tiny_model(name, in_channels=3)
+    with torch.no_grad():  # thresholds from a few training-mode forwards
+        for seed in range(3):
+            model.train()(*tiny_batch(cfg, 4, seed=20 + seed))
+    model.eval()
+    with expert_load(model) as load:
+        full = _gen(model, PROMPTS, routing="dynamic", batch_size=4)
+    for bs in (1, 3):  # every image alone in its batch, or with others
+        torch.testing.assert_close(_gen(model, PROMPTS, routing="dynamic", batch_size=bs), full, rtol=0, atol=1e-6)
+    assert len(load["experts_per_token"]) == cfg.num_moe_blocks
+    assert all(0 < e <= cfg.moe.num_experts for e in load["experts_per_token"])
+    assert all(r >= e for r, e in zip(load["slots_run_per_token"], load["experts_per_token"]))
+    # The multiplier trades tokens for FLOPs.
+    with expert_load(model) as fewer:
+        _gen(model, PROMPTS, routing="dynamic", multiplier=1.5)
+    assert sum(fewer["experts_per_token"]) < sum(load["experts_per_token"])
+    # One CFG step on one image: the FLOP formula with the measured slots equals what runs.
+    emb, mask = FakeText()(PROMPTS[:1])
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    model.set_inference_routing("dynamic")
+    with expert_load(model) as one, FlopCounterMode(display=False) as fc, \
+            torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
+        cfg_velocity(model, emb.double(), mask, 4.0)(x, torch.full((1,), 0.5, dtype=torch.float64))
+    assert sample_flops_per_image(cfg, "dynamic", one["slots_run_per_token"], text_len=8) == fc.get_total_flops()
+
+
 def test_generate_rejects_bad_arguments(tiny):
     model, _ = tiny
     with pytest.raises(SampleError, match="routing='experts'"):
