@@ -3,8 +3,8 @@
 Counted: patch and timestep embedders, adaLN projections, self-attention (GQA projections + scores
 and values), cross-attention (with the text length), dense FFNs, routers and the expert slots that
 run (expert choice: E*C per group, i.e. f_c per token; token choice: all capacity slots, used or
-not), DiffMoE's capacity predictor, and the final layer. Elementwise work (norms, softmax, GeLU, gathers) is not counted, as usual
-for MFU. Backward = 2x forward, except layers whose input needs no gradient (the patch embedding, the
+not), DiffMoE's capacity predictor, and the final layer. Elementwise work (norms, softmax, GeLU,
+gathers) is not counted, as usual for MFU. Backward = 2x forward, except layers whose input needs no gradient (the patch embedding, the
 timestep MLP's first layer, the text key/value projections: frozen text encoder), which compute only
 the weight gradient (1x). This is what autograd executes, and what FlopCounterMode counts.
 """
@@ -101,7 +101,7 @@ def sample_flops_per_image(cfg: DiTConfig, routing: str = "sample", experts_per_
         G = S if routing == "sample" else (group_size or cfg.moe.inference_group_size)
         experts_per_token = [cfg.moe.num_experts * cfg.moe.capacity(G) / G] * cfg.num_moe_blocks
     slots = None if cfg.moe is None else [e * n * S for e in experts_per_token]
-    return model_flops(cfg, n, S, text_len, training=False, text_drop=guidance, expert_slots=slots).forward // 1
+    return model_flops(cfg, n, S, text_len, training=False, text_drop=guidance, expert_slots=slots).forward
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, peak_flops_per_s: float) -> float:

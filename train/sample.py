@@ -371,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.group_size is not None and args.routing != "tokens":
         raise SampleError(f"--group-size is only used with --routing tokens (got --routing {args.routing})")
+    if args.dynamic_multiplier is not None and args.routing != "dynamic":
+        raise SampleError(f"--dynamic-multiplier is only used with --routing dynamic (got --routing {args.routing})")
     for name in ("steps", "batch_size", "nrow"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")

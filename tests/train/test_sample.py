@@ -213,6 +213,7 @@ def test_cli_bad_input_fails_with_one_line(saved, tmp_path, capsys):
         (["--checkpoint", ck], "no prompts"),
         (["--checkpoint", ck, "--prompt-file", str(tmp_path / "missing.txt")], "--prompt-file"),
         (["--checkpoint", ck, "--prompts", "x", "--routing", "sample", "--group-size", "64"], "--group-size"),
+        (["--checkpoint", ck, "--prompts", "x", "--dynamic-multiplier", "1.2"], "--dynamic-multiplier"),
         (["--checkpoint", ck, "--prompts", "x", "--steps", "0"], "--steps"),
         (["--checkpoint", ck, "--prompts", "x", "--device", "tpu9"], "--device"),
     ]
