@@ -35,7 +35,6 @@ from data import load_text_encoder, load_vae  # noqa: E402
 from data.scorer import score_batch  # noqa: E402
 from data.synthetic import caption_of, generate_sample, heldout_prompts, training_prompts, write_shards  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
-from model.flow import FlowConfig, flow_loss  # noqa: E402
 from train.sample import (data_config, decode, expert_load, generate_latents, inference_routing, load_model,  # noqa: E402
                           routing_maps)
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png, to_uint8  # noqa: E402
@@ -112,17 +111,6 @@ def validation_batches(text_encoder, vae, n: int, batch: int, seed: int):
         t = (torch.arange(len(samples)) + torch.rand(len(samples), generator=g)) / len(samples)
         out.append((x0, emb, mask, t.clamp(0.02, 0.98), torch.randn(x0.shape, generator=g)))
     return out
-
-
-class _FixedT(torch.nn.Module):
-    """Wraps a DiT so that flow_loss's random t and noise are the validation batch's fixed ones."""
-
-    def __init__(self, model, t, noise):
-        super().__init__()
-        self.model, self.cfg, self.t, self.noise = model, model.cfg, t, noise
-
-    def forward(self, x_t, t, *a, **kw):
-        return self.model(x_t, t, *a, **kw)
 
 
 @torch.no_grad()

@@ -41,9 +41,8 @@ from PIL import Image
 from data.scorer import score_image, summarize
 from data.synthetic import (CATEGORIES, HELDOUT_PAIRS, caption_of, heldout_prompts, parse_caption,
                             stated_heldout, training_prompts)
-from model.config import ConfigError
-from train.sample import (DATA_KEYS, ROUTING_MODES, SampleError, check_compatible, data_config, generate,
-                          load_model)
+from train.sample import (DATA_KEYS, OneLineParser, SampleError, add_encoder_args, add_generation_args,
+                          check_compatible, check_generation_args, data_config, generate, load_model, run_cli)
 from train.visualize import image_grid, save_png, to_uint8
 SPLITS = {"heldout": "held-out compositions", "train": "in-distribution prompts"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -234,17 +233,10 @@ def compute_fid(fake_NCHW: torch.Tensor, real_NCHW: torch.Tensor, weights: str,
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a step_* checkpoint dir, a run's checkpoint root (latest step), or a safetensors "
-                   "export folder")
+    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_generation_args(p)
     p.add_argument("--prompt-file", default=None,
                    help="captions one per line, or a .jsonl of prompt structures (default: --split prompts)")
     p.add_argument("--split", choices=tuple(SPLITS), default="heldout",
@@ -253,17 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=48, help="number of default prompts")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the default prompts")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt (each with its own noise)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule")
-    p.add_argument("--seed", type=int, default=0, help="noise of image j is seeded with (seed, j)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (x2 with CFG)")
-    p.add_argument("--routing", choices=ROUTING_MODES, default="sample",
-                   help="MoE inference routing: sample (per image), dynamic (per-expert thresholds), tokens, batch")
-    p.add_argument("--dynamic-multiplier", type=float, default=None,
-                   help="--routing dynamic: threshold multiplier (>1 fewer tokens per expert)")
-    p.add_argument("--group-size", type=int, default=None, help="tokens per routing group with --routing tokens")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="eval", help="output folder (eval.json, grid.png)")
     p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
     p.add_argument("--grid-max", type=int, default=64, help="at most this many images in grid.png")
@@ -273,31 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-weights", default=None,
                    help="local Inception-v3 FID weights file (torch-fidelity's feature_extractor_weights_path)")
     g.add_argument("--fid-max-real", type=int, default=10000, help="at most this many real images")
-    g = p.add_argument_group("encoders (default: the run's config.json 'data', else the DataConfig defaults)")
-    g.add_argument("--text-encoder", choices=("minilm", "t5"), default=None)
-    g.add_argument("--text-encoder-path", default=None)
-    g.add_argument("--max-text-len", type=int, default=None)
-    g.add_argument("--vae", choices=("pixel", "kl"), default=None)
-    g.add_argument("--vae-path", default=None)
+    add_encoder_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (SampleError, ConfigError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), _run, argv)
 
 
 def _check_args(args: argparse.Namespace) -> torch.device:
-    if args.group_size is not None and args.routing != "tokens":
-        raise SampleError(f"--group-size is only used with --routing tokens (got --routing {args.routing})")
-    if args.dynamic_multiplier is not None and (args.routing != "dynamic" or args.dynamic_multiplier <= 0):
-        raise SampleError(f"--dynamic-multiplier={args.dynamic_multiplier} needs --routing dynamic and a value > 0")
-    for name in ("steps", "batch_size", "num_prompts", "samples_per_prompt", "nrow", "grid_max", "fid_max_real"):
+    check_generation_args(args)
+    for name in ("num_prompts", "samples_per_prompt", "nrow", "grid_max", "fid_max_real"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.fid_real is not None:

@@ -318,22 +318,21 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line, exit code 2."""
+
+    def error(self, message: str):
         self.exit(2, f"error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.sample", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the sampler and the evaluator: checkpoint, Euler/CFG settings, MoE routing."""
     p.add_argument("--checkpoint", required=True,
                    help="a step_* checkpoint dir, a run's checkpoint root (latest step), or a safetensors export folder")
-    p.add_argument("--prompts", nargs="+", default=None, help="prompts to sample")
-    p.add_argument("--prompt-file", default=None, help="text file with one prompt per line")
     p.add_argument("--steps", type=int, default=20, help="Euler steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule (>1: more steps at high noise)")
-    p.add_argument("--seed", type=int, default=0, help="noise of prompt i is seeded with (seed, i)")
+    p.add_argument("--seed", type=int, default=0, help="noise of image i is seeded with (seed, i)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (x2 with CFG)")
     p.add_argument("--routing", choices=ROUTING_MODES, default="sample",
                    help="MoE inference routing: sample = capacity per image, dynamic = per-expert thresholds "
@@ -343,37 +342,62 @@ def build_parser() -> argparse.ArgumentParser:
                         "default the model's, 1.0)")
     p.add_argument("--group-size", type=int, default=None,
                    help="tokens per routing group with --routing tokens (default: the model's inference_group_size)")
-    p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
-    p.add_argument("--heatmap", action="store_true",
-                   help="also write experts.png: experts per token of each MoE layer (Fig. 6), routed per sample")
-    p.add_argument("--heatmap-t", type=float, default=0.5, help="noise level t of the heatmap forward")
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoders (default: the run's config.json 'data', else the DataConfig defaults)")
     g.add_argument("--text-encoder", choices=("minilm", "t5"), default=None)
     g.add_argument("--text-encoder-path", default=None)
     g.add_argument("--max-text-len", type=int, default=None)
     g.add_argument("--vae", choices=("pixel", "kl"), default=None)
     g.add_argument("--vae-path", default=None)
-    return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_generation_args(args: argparse.Namespace) -> None:
+    if args.group_size is not None and args.routing != "tokens":
+        raise SampleError(f"--group-size is only used with --routing tokens (got --routing {args.routing})")
+    if args.dynamic_multiplier is not None and (args.routing != "dynamic" or args.dynamic_multiplier <= 0):
+        raise SampleError(f"--dynamic-multiplier={args.dynamic_multiplier} needs --routing dynamic and a value > 0")
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+            argv: Sequence[str] | None) -> int:
+    """Parse and run; bad input (SampleError, ConfigError, a missing file) is one line on stderr, exit 2."""
+    args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return run(args)
     except (SampleError, ConfigError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m train.sample", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_generation_args(p)
+    p.add_argument("--prompts", nargs="+", default=None, help="prompts to sample")
+    p.add_argument("--prompt-file", default=None, help="text file with one prompt per line")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
+    p.add_argument("--heatmap", action="store_true",
+                   help="also write experts.png: experts per token of each MoE layer (Fig. 6), routed per sample")
+    p.add_argument("--heatmap-t", type=float, default=0.5, help="noise level t of the heatmap forward")
+    add_encoder_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.group_size is not None and args.routing != "tokens":
-        raise SampleError(f"--group-size is only used with --routing tokens (got --routing {args.routing})")
-    if args.dynamic_multiplier is not None and args.routing != "dynamic":
-        raise SampleError(f"--dynamic-multiplier is only used with --routing dynamic (got --routing {args.routing})")
-    for name in ("steps", "batch_size", "nrow"):
+    check_generation_args(args)
+    for name in ("nrow",):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if not 0.0 <= args.heatmap_t <= 1.0:
