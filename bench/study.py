@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, write_json  # noqa: E402
 from data import load_text_encoder, load_vae  # noqa: E402
-from data.scorer import score_batch  # noqa: E402
 from data.synthetic import caption_of, generate_sample, heldout_prompts, training_prompts, write_shards  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
+from model.flow import interpolate  # noqa: E402
+from train.evaluate import score_images  # noqa: E402
 from train.sample import (data_config, decode, expert_load, generate_latents, inference_routing, load_model,  # noqa: E402
                           routing_maps)
-from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png, to_uint8  # noqa: E402
+from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png  # noqa: E402
 
 VARIANTS = ("dense", "ec", "tc", "diffmoe")
 LABELS = {"dense": "dense (equal compute)", "ec": "expert choice f_c=2", "tc": "token choice top-2",
@@ -119,7 +120,7 @@ def validation_loss(model, batches, routing: str) -> float:
     total, n = 0.0, 0
     with inference_routing(model, routing):
         for x0, emb, mask, t, noise in batches:
-            x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+            x_t = interpolate(x0, noise, t)
             pred = model(x_t, t, emb, mask, collect_stats=False).pred
             total += float((pred - (noise - x0)).pow(2).mean()) * len(t)
             n += len(t)
@@ -127,7 +128,10 @@ def validation_loss(model, batches, routing: str) -> float:
 
 
 def score(images: torch.Tensor, prompts: list[dict]) -> dict:
-    return score_batch(list(to_uint8(images)), prompts)
+    """The scorer's summary (overall, per category); the per-image reasons stay out of study.json."""
+    summary = score_images(images, prompts)
+    summary.pop("results")
+    return summary
 
 
 def evaluate_variant(variant: str, run_dir: Path, args, prompt_sets: dict) -> dict:
@@ -137,11 +141,11 @@ def evaluate_variant(variant: str, run_dir: Path, args, prompt_sets: dict) -> di
     text_encoder, vae = load_text_encoder(dcfg), load_vae(dcfg)
     val = validation_batches(text_encoder, vae, args.val_images, 32, seed=1)
     modes = MODES if cfg.moe is not None else {"per_sample": "sample"}  # dense: one mode
-    result = {"checkpoint": str(folder), "model": cfg.name, "modes": {}}
+    result = {"checkpoint": str(folder), "model": cfg.name, "modes": {}, "cfg": cfg}
+    captions = {k: [caption_of(p) for p in v] for k, v in prompt_sets.items()}
+    all_captions = captions["heldout"] + captions["train"]
     for name, routing in modes.items():
         r = {"val_loss": validation_loss(model, val, routing)}
-        captions = {k: [caption_of(p) for p in v] for k, v in prompt_sets.items()}
-        all_captions = captions["heldout"] + captions["train"]
         t0 = time.perf_counter()
         with expert_load(model) as load:
             latents = generate_latents(model, text_encoder, all_captions, args.sample_steps, args.guidance,
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
     moe = [v for v in results if results[v]["modes"].get("group")]
     num_experts = None
     if moe:
-        model_cfg = load_model(runs[moe[0]] / "checkpoints")[0].cfg
+        model_cfg = results[moe[0]]["cfg"]
         num_experts = model_cfg.moe.num_experts
         train_load = {}
         for v in moe:
@@ -330,6 +334,7 @@ def main(argv=None) -> int:
 
     for r in results.values():
         r.pop("images", None)
+        r.pop("cfg", None)
         for m in r["modes"].values():
             m.pop("expert_count", None)
     write_markdown(args.out / "study.md", results, args)

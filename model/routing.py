@@ -276,20 +276,29 @@ class Router(nn.Module):
                 score_cut_E = pooled[:, E:].topk(cap, dim=0).values[-1]
             else:
                 idx, gate = expert_choice(probs_TE, groups, cap)
-                score_cut_E = self.pool.mean(_group_cutoff(score_TE, groups, cap))
+                # EC: the chosen gates are the top-C affinities, so their group minimum is the cut-off.
+                cut_E = (gate.detach().view(-1, groups, cap).amin(-1).mean(-1) if pred_TE is None
+                         else _group_cutoff(score_TE, groups, cap))
+                score_cut_E = self.pool.mean(cut_E)
             self._track_threshold(score_cut_E)
             extra["threshold_mean"] = self.threshold_E.mean()
             if pred_TE is not None:
                 aux, extra_pred = self._predictor_loss(pred_TE, idx, valid, groups, self.cfg.capacity(G))
                 extra.update(extra_pred)
-        if self.load_meter is not None and not self.training:
-            self.load_meter.append((idx.numel(), idx.numel() if valid is None else int(valid.sum()), T))
+        if not self.training:
+            self._meter(idx, valid, T)
         stats = {}
         if collect_stats:
             stats = routing_stats(idx, valid, probs_TE.detach(), T)
             stats.update(extra)
             stats["capacity"] = torch.tensor(float(cap))
         return RoutingPlan(idx, gate, valid, aux, T, stats)
+
+    def _meter(self, idx_EX: torch.Tensor, valid_EX: torch.Tensor | None, tokens: int) -> None:
+        """Eval forwards: record (slots run, slots used, tokens) when a `load_meter` is attached."""
+        if self.load_meter is not None:
+            used = idx_EX.numel() if valid_EX is None else int(valid_EX.sum())
+            self.load_meter.append((idx_EX.numel(), used, tokens))
 
     # ---- expert-choice thresholds and the capacity predictor ------------------------------------
     @torch.no_grad()
@@ -334,8 +343,7 @@ class Router(nn.Module):
             select_TE = score_TE >= self.threshold_E.to(score_TE.dtype) * self.dynamic_multiplier
             gate_TE = probs_TE
         idx, gate, valid = selected_plan(select_TE, gate_TE)
-        if self.load_meter is not None:
-            self.load_meter.append((idx.numel(), int(valid.sum()), T))
+        self._meter(idx, valid, T)
         stats = {}
         if collect_stats:
             stats = routing_stats(idx, valid, probs_TE.detach(), T)

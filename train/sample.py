@@ -38,7 +38,6 @@ from model.config import INFERENCE_MODES, ConfigError, DiTConfig, config_from_di
 from model.dit import DiT, build_model
 from model.flops import sample_flops_per_image
 from model.flow import cfg_velocity, euler_sample, interpolate
-from model.routing import Router
 from train.checkpoint import STEP_PREFIX, Checkpointer, load_exported
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
 
@@ -66,10 +65,6 @@ def prompt_noise(seed: int, index: int, shape_CHW: Sequence[int]) -> torch.Tenso
 ROUTING_MODES = INFERENCE_MODES  # tokens (the paper's G), sample (per image), batch, dynamic (thresholds)
 
 
-def _routers(model: torch.nn.Module) -> list[Router]:
-    return [m for m in model.modules() if isinstance(m, Router)]
-
-
 def _check_routing(routing: str, multiplier: float | None) -> None:
     if routing not in ROUTING_MODES:
         raise SampleError(f"routing={routing!r} must be one of {ROUTING_MODES}")
@@ -81,7 +76,7 @@ def _check_routing(routing: str, multiplier: float | None) -> None:
 def inference_routing(model: DiT, routing: str, group_size: int | None = None, multiplier: float | None = None):
     """Eval mode with the given MoE inference routing; the model's mode and routing are restored after."""
     _check_routing(routing, multiplier)
-    routers = _routers(model)
+    routers = model.routers()
     saved = (model.training, [(r.inference_group, r.inference_group_size, r.dynamic_multiplier) for r in routers])
     model.eval()
     model.set_inference_routing(routing, group_size, multiplier)
@@ -98,7 +93,7 @@ def expert_load(model: DiT):
     """Measure the expert work of eval forwards: yields a dict filled on exit with, per MoE layer,
     experts_per_token (slots used / tokens; the useful compute) and slots_run_per_token (slots computed,
     incl. the padding of dynamic plans and token choice's empty slots)."""
-    routers = _routers(model)
+    routers = model.routers()
     for r in routers:
         r.load_meter = []
     result: dict[str, list[float]] = {}
