@@ -9,7 +9,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 ROUTERS = ("expert_choice", "token_choice", "diffmoe")
+# How GroupedExperts multiplies [E, X, D] slots by the stacked weights (model/moe.py).
+EXPERT_MATMULS = ("bmm", "grouped_mm")
 GROUP_MODES = ("tokens", "sample", "batch")
 # Inference routing: the training-style groups, or "dynamic" (each expert takes the tokens whose score
 # passes its threshold: batch-independent, compute adapts per token).
@@ -59,6 +63,7 @@ class MoEConfig:
     dynamic_multiplier: float = 1.0  # threshold multiplier at inference: > 1 fewer tokens, < 1 more
     global_pool: bool = False  # expert choice across data-parallel ranks (all-gathered scores)
     pool_slack: float = 2.0  # global pool: local slots per expert = pool_slack * local capacity
+    expert_matmul: str = "bmm"  # bmm | grouped_mm (torch._grouped_mm, where this torch has it)
 
     def validate(self, prefix: str = "model.moe") -> None:
         if self.num_experts < 1:
@@ -80,6 +85,11 @@ class MoEConfig:
         if self.global_pool and self.group != "batch":
             raise ConfigError(f"{prefix}.global_pool pools whole batches: set {prefix}.group=batch "
                               f"(got {self.group!r})")
+        if self.expert_matmul not in EXPERT_MATMULS:
+            raise ConfigError(f"{prefix}.expert_matmul={self.expert_matmul!r} must be one of {EXPERT_MATMULS}")
+        if self.expert_matmul == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+            raise ConfigError(f"{prefix}.expert_matmul=grouped_mm needs torch._grouped_mm, which torch "
+                              f"{torch.__version__} lacks; use bmm")
         if self.pool_slack < 1.0:
             raise ConfigError(f"{prefix}.pool_slack={self.pool_slack} must be >= 1")
         for name in ("group_size", "inference_group_size"):
@@ -354,4 +364,4 @@ def config_from_dict(d: dict) -> DiTConfig:
 
 
 __all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "INFERENCE_MODES", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B", "config_to_dict", "config_from_dict",
-           "T5_PARAMS", "VAE_PARAMS", "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES"]
+           "T5_PARAMS", "VAE_PARAMS", "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES", "EXPERT_MATMULS"]

@@ -25,16 +25,28 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def grouped_mm(a_EXK: torch.Tensor, b_EKN: torch.Tensor) -> torch.Tensor:
+    """[E, X, K] @ [E, K, N] -> [E, X, N] through `torch._grouped_mm` (one grouped GEMM; every group has
+    X rows, so no offsets). It is not an autocast op: under autocast both operands are cast to the
+    autocast dtype here, as bmm would be. Its backward needs a gradient with real strides (the MoE
+    combine's gate product gives one; a bare `.sum()` of the output does not)."""
+    dev = a_EXK.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a_EXK.dtype
+    return torch._grouped_mm(a_EXK.to(dt), b_EKN.to(dt))
+
+
 class GroupedExperts(nn.Module):
-    """E GeLU FFN experts with stacked weights; forward maps [E, X, D] -> [E, X, D] by batched matmul.
+    """E GeLU FFN experts with stacked weights; forward maps [E, X, D] -> [E, X, D] by one batched
+    matmul per layer: `torch.bmm` (default) or `torch._grouped_mm` (`matmul="grouped_mm"`).
 
     Each expert has exactly the parameters of the dense FFN: D*F + F*D (+ F + D with biases).
     Under expert parallelism the leading dim holds the E_local experts of this rank.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, bias: bool = True):
+    def __init__(self, num_experts: int, dim: int, hidden: int, bias: bool = True, matmul: str = "bmm"):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.matmul = matmul
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # [E, D, F]
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # [E, F, D]
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None  # [E, F]
@@ -42,6 +54,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_EXD: torch.Tensor) -> torch.Tensor:
         w1, w2, b1, b2 = (_local(p) for p in (self.w1, self.w2, self.b1, self.b2))
+        if self.matmul == "grouped_mm":
+            h_EXF = grouped_mm(x_EXD, w1)
+            h_EXF = F.gelu(h_EXF if b1 is None else h_EXF + b1.unsqueeze(1).to(h_EXF.dtype), approximate="tanh")
+            y_EXD = grouped_mm(h_EXF, w2)
+            return y_EXD if b2 is None else y_EXD + b2.unsqueeze(1).to(y_EXD.dtype)
         h_EXF = torch.bmm(x_EXD, w1) if b1 is None else torch.baddbmm(b1.unsqueeze(1), x_EXD, w1)
         h_EXF = F.gelu(h_EXF, approximate="tanh")
         return torch.bmm(h_EXF, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), h_EXF, w2)  # [E, X, D]
@@ -84,7 +101,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, hidden, bias)
+        self.experts = GroupedExperts(cfg.num_experts, dim, hidden, bias, cfg.expert_matmul)
         self.dispatcher = LocalDispatcher()
 
     def forward(self, h_BSD: torch.Tensor, router_in_BSD: torch.Tensor, collect_stats: bool = True

@@ -161,7 +161,9 @@ def routing_stats(plan_idx_EX: torch.Tensor, valid_EX: torch.Tensor | None, prob
     tokens_per_expert = ones.sum(1)
     count_T = torch.zeros(num_tokens, device=plan_idx_EX.device).index_add_(0, plan_idx_EX.reshape(-1), ones.reshape(-1))
     count_T = count_T.long()
-    frac = torch.bincount(count_T, minlength=E + 1).float() / num_tokens
+    # A static-shape histogram (bincount's output shape depends on the data: a torch.compile graph break).
+    ones_T = torch.ones_like(count_T, dtype=torch.float32)
+    frac = torch.zeros(E + 1, device=count_T.device).index_add_(0, count_T, ones_T) / num_tokens
     entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
     return {"tokens_per_expert": tokens_per_expert, "expert_count": count_T,
             "experts_per_token_frac": frac, "router_entropy": entropy}
@@ -200,8 +202,12 @@ class LocalPool:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward (e.g. activation-checkpoint recomputation of a forward)."""
-    return torch._C._current_graph_task_id() != -1
+    """True while autograd runs a backward (e.g. activation-checkpoint recomputation of a forward).
+
+    Under torch.compile the forward is traced once and its side effects (the threshold update) run
+    once per call; activation checkpointing compiled with the block (parallel/compile.py compiles the
+    checkpointed block) recomputes inside the compiled backward without replaying them."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class Router(nn.Module):
@@ -211,7 +217,7 @@ class Router(nn.Module):
     `inference_group`/`inference_group_size` in eval mode (see `set_inference_group`). Expert-choice
     routers keep `threshold_E` [E], the EMA of the training-time cut-off scores, for "dynamic" inference;
     diffmoe adds the capacity predictor, whose BCE loss is returned as the plan's aux_loss.
-    `load_meter`: a list to which eval forwards append (slots run, slots used, tokens).
+    `load_meter`: a list to which eval forwards append (slots run, slots used (int or 0-d tensor), tokens).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -226,7 +232,7 @@ class Router(nn.Module):
         self.inference_group_size = cfg.inference_group_size
         self.dynamic_multiplier = cfg.dynamic_multiplier
         self.pool = LocalPool()
-        self.load_meter: list[tuple[int, int, int]] | None = None
+        self.load_meter: list[tuple[int, int | torch.Tensor, int]] | None = None
 
     def set_inference_group(self, mode: str, group_size: int | None = None,
                             multiplier: float | None = None) -> None:
@@ -297,7 +303,7 @@ class Router(nn.Module):
     def _meter(self, idx_EX: torch.Tensor, valid_EX: torch.Tensor | None, tokens: int) -> None:
         """Eval forwards: record (slots run, slots used, tokens) when a `load_meter` is attached."""
         if self.load_meter is not None:
-            used = idx_EX.numel() if valid_EX is None else int(valid_EX.sum())
+            used = idx_EX.numel() if valid_EX is None else valid_EX.sum()  # a tensor: no host sync
             self.load_meter.append((idx_EX.numel(), used, tokens))
 
     # ---- expert-choice thresholds and the capacity predictor ------------------------------------

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from model.dit import DiT
 
+from .compile import compile_blocks
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_activation_checkpointing, apply_fsdp
 from .mesh import ParallelConfig
@@ -29,12 +30,15 @@ def make_dispatcher_factory(kind: str):
     return lambda mesh: MegatronDispatcher(mesh, kind.removeprefix("megatron_"))
 
 
-def parallelize(model: DiT, mesh: DeviceMesh, cfg: ParallelConfig) -> DiT:
-    """`cfg` must be resolved (ParallelConfig.resolved) against the world size and the model."""
+def parallelize(model: DiT, mesh: DeviceMesh, cfg: ParallelConfig, torch_compile: bool = False) -> DiT:
+    """`cfg` must be resolved (ParallelConfig.resolved) against the world size and the model.
+    `torch_compile`: torch.compile each block, after activation checkpointing and before FSDP."""
     if cfg.ep > 1:
         apply_expert_parallel(model, mesh["ep"], make_dispatcher_factory(cfg.dispatcher))
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if torch_compile:
+        compile_blocks(model)
     if cfg.fsdp:
         apply_fsdp(model, mesh, cfg)
     return model

@@ -46,11 +46,13 @@ class ModelCfg:
     dynamic_multiplier: float | None = None
     global_pool: bool | None = None
     pool_slack: float | None = None
+    expert_matmul: str | None = None
 
 
 MOE_FIELDS = ("num_experts", "router", "capacity_factor", "top_k", "tc_capacity_factor", "aux_loss_weight",
               "group", "group_size", "inference_group", "inference_group_size", "predictor_weight",
-              "predictor_hidden", "threshold_decay", "dynamic_multiplier", "global_pool", "pool_slack")
+              "predictor_hidden", "threshold_decay", "dynamic_multiplier", "global_pool", "pool_slack",
+              "expert_matmul")
 
 
 @dataclass
@@ -93,6 +95,7 @@ class TrainCfg:
     wandb_project: str = "ecdit"
     wandb_mode: str = "offline"  # offline | online | disabled
     threads: int = 0  # torch threads per process (0: cores / processes on this node)
+    compile: bool = False  # torch.compile each DiT block (parallel/compile.py; fsdp engine only)
 
 
 @dataclass
@@ -163,6 +166,11 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
         (pcfg.engine == "fsdp" or pcfg.ep == 1, "parallel.engine=deepspeed supports parallel.ep=1 only"),
         (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
+        (not t.compile or pcfg.engine == "fsdp",
+         "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
+        (not t.compile or pcfg.ep == 1 or pcfg.dispatcher == "alltoall",
+         f"train.compile=true needs parallel.dispatcher=alltoall with expert parallelism (got "
+         f"{pcfg.dispatcher!r}: megatron's dispatcher syncs token counts to the host)"),
     ]
     for ok, msg in checks:
         if not ok:

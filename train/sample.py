@@ -101,7 +101,7 @@ def expert_load(model: DiT):
         yield result
     finally:
         for r in routers:
-            run, used, tokens = (sum(v) for v in zip(*r.load_meter)) if r.load_meter else (0, 0, 0)
+            run, used, tokens = (float(sum(v)) for v in zip(*r.load_meter)) if r.load_meter else (0, 0, 0)
             result.setdefault("experts_per_token", []).append(used / max(1, tokens))
             result.setdefault("slots_run_per_token", []).append(run / max(1, tokens))
             r.load_meter = None

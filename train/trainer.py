@@ -24,6 +24,7 @@ from model.dit import DiT, build_model
 from model.flops import train_step_flops
 from model.flow import flow_loss
 from parallel.mesh import build_mesh
+from parallel.compile import compile_blocks
 from parallel.parallelize import parallelize
 from parallel.routing_pool import install_routing_pool
 
@@ -141,6 +142,8 @@ def run(cfg: AppConfig) -> dict:
 
 def _build(mcfg, pcfg, tc, world, device) -> DiT:
     model = _build_parallel(mcfg, pcfg, tc, world, device)
+    if tc.compile:  # blocks not yet compiled by parallelize (which compiles before FSDP)
+        compile_blocks(model)
     if world > 1:  # expert thresholds (and DiffMoE's global pool) span the data-parallel ranks
         install_routing_pool(model)
     return model
@@ -154,14 +157,14 @@ def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
         with torch.device("meta"):
             model = DiT(mcfg)
         if mesh is not None:
-            parallelize(model, mesh, pcfg)
+            parallelize(model, mesh, pcfg, torch_compile=tc.compile)
         model.to_empty(device=device)
         torch.manual_seed(tc.seed)
         model.init_weights()
         return model
     model = build_model(mcfg, device=device, seed=tc.seed)  # same weights on every rank
     if mesh is not None and (pcfg.fsdp or pcfg.ep > 1 or pcfg.activation_checkpointing):
-        parallelize(model, mesh, pcfg)
+        parallelize(model, mesh, pcfg, torch_compile=tc.compile)
     return model
 
 
