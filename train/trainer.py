@@ -134,10 +134,24 @@ def run(cfg: AppConfig) -> dict:
     config_dict["model_resolved"] = config_to_dict(mcfg)
     signals = _Signals()
     try:
-        return _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
+        summary = _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+    if rank == 0:
+        write_status(run_dir, summary["step"], tc.steps)
+    return summary
+
+
+def write_status(run_dir: Path, step: int, steps: int) -> Path:
+    """`run_dir/status.json`: `finished` once the last step is done, else `stopped` (a signal ended the
+    run early, after its checkpoint). Launchers read it to decide whether to requeue."""
+    path = run_dir / "status.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"state": "finished" if step >= steps else "stopped", "step": step,
+                               "steps": steps}) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _build(mcfg, pcfg, tc, world, device) -> DiT:
