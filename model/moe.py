@@ -27,12 +27,20 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def grouped_mm(a_EXK: torch.Tensor, b_EKN: torch.Tensor) -> torch.Tensor:
     """[E, X, K] @ [E, K, N] -> [E, X, N] through `torch._grouped_mm` (one grouped GEMM; every group has
-    X rows, so no offsets). It is not an autocast op: under autocast both operands are cast to the
-    autocast dtype here, as bmm would be. Its backward needs a gradient with real strides (the MoE
-    combine's gate product gives one; a bare `.sum()` of the output does not)."""
+    X rows, so no offsets).
+
+    The op takes fp32 / bf16 / fp16 with 16-byte aligned strides (bf16: K and N multiples of 8); on CUDA
+    its fast CUTLASS kernel needs bf16 on sm90 / sm100, other cases fall back to plain matmuls. It is
+    not an autocast op: under autocast both operands are cast to the autocast dtype here, as bmm would
+    be. Its compile-time (meta) kernel accepts bf16 only, so a compiled fp32 forward uses bmm (the same
+    product). Its backward needs a gradient with real strides (the MoE combine's gate product gives
+    one; a bare `.sum()` of the output does not)."""
     dev = a_EXK.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a_EXK.dtype
-    return torch._grouped_mm(a_EXK.to(dt), b_EKN.to(dt))
+    a_EXK, b_EKN = a_EXK.to(dt), b_EKN.to(dt)
+    if dt != torch.bfloat16 and torch.compiler.is_compiling():
+        return torch.bmm(a_EXK, b_EKN)
+    return torch._grouped_mm(a_EXK, b_EKN)
 
 
 class GroupedExperts(nn.Module):

@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="store_true",
                    help="also write experts.png: experts per token of each MoE layer (Fig. 6), routed per sample")
     p.add_argument("--heatmap-t", type=float, default=0.5, help="noise level t of the heatmap forward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (one graph per block; not with --routing dynamic)")
     add_encoder_args(p)
     return p
 
@@ -397,6 +399,9 @@ def _run(args: argparse.Namespace) -> int:
             raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if not 0.0 <= args.heatmap_t <= 1.0:
         raise SampleError(f"--heatmap-t={args.heatmap_t} must be in [0, 1]")
+    if args.compile and args.routing == "dynamic":
+        raise SampleError("--compile needs a fixed routing group: --routing dynamic sizes each expert's "
+                          "work from the data (a host sync); drop --compile or pick another --routing")
     prompts = read_prompts(args.prompts, args.prompt_file)
     try:
         device = torch.device(args.device)
@@ -408,6 +413,9 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, run_cfg, folder = load_model(args.checkpoint, device)
     cfg: DiTConfig = model.cfg
+    if args.compile:
+        from parallel.compile import compile_blocks
+        compile_blocks(model)
     print(f"[sample] model {cfg.name} from {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params, {cfg.num_moe_blocks} MoE layers) in {time.perf_counter() - t0:.1f}s")
     dcfg = data_config(run_cfg, cfg, text_encoder=args.text_encoder, text_encoder_path=args.text_encoder_path,

@@ -19,6 +19,7 @@ from model.config import PRESETS, ConfigError, DiTConfig, MoEConfig, get_preset
     (dict(moe=dict(router="token_choice", top_k=9)), "model.moe.top_k"),
     (dict(lr=1.0), "model.lr"),
     (dict(moe=dict(experts=2)), "model.moe.experts"),
+    (dict(moe=dict(expert_matmul="cutlass")), "model.moe.expert_matmul"),
 ])
 def test_bad_field_is_named(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -53,3 +54,9 @@ def test_get_preset_returns_independent_copies():
     a = get_preset("tiny-ec", moe=dict(num_experts=2))
     b = get_preset("tiny-ec")
     assert a.moe.num_experts == 2 and b.moe.num_experts == 4
+
+
+def test_grouped_mm_needs_a_torch_that_has_it(monkeypatch):
+    monkeypatch.delattr("torch._grouped_mm")
+    with pytest.raises(ConfigError, match=r"^model\.moe\.expert_matmul=grouped_mm needs torch\._grouped_mm"):
+        get_preset("tiny-ec", moe=dict(expert_matmul="grouped_mm"))

@@ -1,5 +1,6 @@
 """torch.compile of the DiT blocks (parallel/compile.py): one graph per block kind (fullgraph), and the
-compiled training step equals the eager one for every router.
+compiled training step equals the eager one for every router (compiled sampling, eval routing and the
+expert-load meter: tests/train/test_sample.py).
 
 Two-block models keep the compile time short: block 0 is dense, block 1 the MoE block, so every case
 checks a dense block too."""
@@ -13,7 +14,6 @@ from model.dit import build_model
 from model.flow import FlowConfig, flow_loss
 from parallel.compile import compile_blocks
 from parallel.fsdp import apply_activation_checkpointing
-from train.sample import expert_load, inference_routing
 
 
 def _train_step(model, cfg):
@@ -53,19 +53,3 @@ def test_compiled_blocks_train_like_eager(preset, checkpointing):
     for name in buf_e:  # threshold EMA and its update count
         torch.testing.assert_close(buf_c[name], buf_e[name], rtol=1e-5, atol=1e-6, msg=name)
 
-
-def test_compiled_eval_with_expert_load_meter_matches_eager():
-    cfg = get_preset("tiny-ec", depth=2)
-    eager, compiled = build_model(cfg, seed=0), build_model(cfg, seed=0)
-    compile_blocks(compiled)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
-    t = torch.full((2,), 0.5)
-    outs, loads = [], []
-    for model in (eager, compiled):
-        with torch.no_grad(), inference_routing(model, "sample"), expert_load(model) as load:
-            outs.append(model(x, t, ctx).pred)
-        loads.append(load)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    assert loads[1] == loads[0] and loads[0]["experts_per_token"] == [cfg.moe.capacity_factor]

@@ -122,6 +122,21 @@ def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("parallel, world, message", [
+    (dict(engine="deepspeed"), 1, "train.compile=true needs parallel.engine=fsdp"),
+    (dict(ep=2, dispatcher="megatron_alltoall"), 2, "train.compile=true needs parallel.dispatcher=alltoall"),
+])
+def test_compile_is_refused_where_the_block_cannot_be_one_graph(parallel, world, message):
+    from train.config import AppConfig, AppConfigError, validate_app
+    cfg = AppConfig()
+    cfg.train.compile = True
+    validate_app(cfg, world)  # the default engine and dispatcher compile
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    with pytest.raises(AppConfigError, match=f"^{message}"):
+        validate_app(cfg, world)
+
+
 @pytest.mark.distributed
 def test_multinode_script_two_nodes_on_localhost(tmp_path, shapes):
     import socket

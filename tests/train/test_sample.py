@@ -205,6 +205,19 @@ def test_cli_checkpoint_and_export_give_the_same_images(saved):
     assert (out_ck / "experts.png").is_file() and not (out_ex / "experts.png").exists()
 
 
+def test_cli_compiled_sampler_gives_the_eager_images(saved):
+    outs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        outs[name] = saved / f"out_{name}"
+        assert main(["--checkpoint", str(saved / "ckpt"), "--prompts", *PROMPTS[:2], "--steps", "2",
+                     "--batch-size", "2", "--out", str(outs[name]), *extra]) == 0
+    meta = [json.loads((outs[n] / "samples.json").read_text()) for n in ("eager", "compiled")]
+    assert meta[0]["experts_per_token"] == meta[1]["experts_per_token"]  # the meter runs compiled too
+    for s in meta[0]["samples"]:
+        a, b = _png(outs["eager"] / s["file"]).astype(int), _png(outs["compiled"] / s["file"]).astype(int)
+        assert a.std() > 5 and np.abs(a - b).max() <= 1  # float rounding may move a pixel by one level
+
+
 def test_cli_bad_input_fails_with_one_line(saved, tmp_path, capsys):
     ck = str(saved / "ckpt")
     cases = [
@@ -216,6 +229,7 @@ def test_cli_bad_input_fails_with_one_line(saved, tmp_path, capsys):
         (["--checkpoint", ck, "--prompts", "x", "--dynamic-multiplier", "1.2"], "--dynamic-multiplier"),
         (["--checkpoint", ck, "--prompts", "x", "--steps", "0"], "--steps"),
         (["--checkpoint", ck, "--prompts", "x", "--device", "tpu9"], "--device"),
+        (["--checkpoint", ck, "--prompts", "x", "--routing", "dynamic", "--compile"], "--compile"),
     ]
     (tmp_path / "empty.txt").write_text("\n  \n")
     cases.append((["--checkpoint", ck, "--prompt-file", str(tmp_path / "empty.txt")], "no prompts"))
