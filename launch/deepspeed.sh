@@ -2,6 +2,7 @@
 # DeepSpeed launcher over a hostfile (`host slots=N` per line):
 #   HOSTFILE=hosts NUM_GPUS=8 bash launch/deepspeed.sh parallel=deepspeed_zero2 [overrides]
 # The launcher appends --local_rank=N, which train/__main__.py strips before Hydra parses.
+# Under slurm use `LAUNCHER=deepspeed sbatch launch/slurm/train.sbatch ...` (no hostfile or ssh needed).
 # parallel=deepspeed_zero2|deepspeed_zero3: DeepSpeed owns optimizer (AdamW), warmup schedule, clipping
 # and accumulation (train/backends.py); no expert parallelism and no EMA on this engine. Without GPUs
 # DeepSpeed uses its CPU accelerator (gloo).

@@ -19,6 +19,7 @@ MODEL = ["model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "
          "model.group_size=256", "model.inference_group_size=256"]
 BASE = [*MODEL, "train.log_every=1", "train.ckpt_every=100", "data.batch_size=4", "data.shuffle_buffer=50",
         "train.sample_steps=2", "train.sample_prompts=[a red circle]", "train.threads=1"]
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]  # the script's GPU defaults, overridden
 
 
@@ -61,7 +62,7 @@ def wait_for(predicate, timeout: float, what: str):
 def wait_done(slurm, job_id: str, log: Path, timeout: float = 240) -> dict:
     def ended():
         info = job(slurm, job_id)
-        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+        return info if info["JobState"] in ENDED else None
     try:
         return wait_for(ended, timeout, f"job {job_id}")
     except AssertionError:
@@ -113,7 +114,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, shapes, unin
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "3 logged steps")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=_job_env(slurm), check=True)
-    wait_for(lambda: job(slurm, job_id)["Restarts"] == "1", 120, "the requeue")
+    wait_for(lambda: job(slurm, job_id)["Restarts"] == "1" or job(slurm, job_id)["JobState"] in ENDED, 120,
+             "the requeue")
     info = wait_done(slurm, job_id, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]

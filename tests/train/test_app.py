@@ -100,10 +100,12 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
     stopped_at = max(losses(run_b))
     assert 3 <= stopped_at < 10
     assert [p.name for p in (run_b / "checkpoints").glob("step_*")] == [f"step_{stopped_at:08d}"]
+    assert json.loads((run_b / "status.json").read_text()) == {"state": "stopped", "step": stopped_at, "steps": 10}
     resumed = train([*args, f"train.run_dir={run_b}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert losses(run_b) == losses(tmp_path / "a")  # every step's loss, bit for bit
+    assert json.loads((run_b / "status.json").read_text())["state"] == "finished"
 
 
 @pytest.mark.parametrize("override, world, message", [
