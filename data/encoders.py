@@ -80,28 +80,51 @@ class PixelVAE:
 
 
 class KLVAE:
-    """diffusers AutoencoderKL. encode -> (mean - shift) * scaling_factor (the posterior mean: deterministic)."""
+    """diffusers AutoencoderKL, normalised as its own config says (the posterior mean: deterministic).
+
+    encode: z = (mean - latents_mean) / latents_std * scaling_factor per channel when the config has
+    latents_mean and latents_std (diffusers' SDXL pipelines), else (mean - shift_factor) * scaling_factor
+    (SD3/Flux; shift 0 when absent); decode inverts it. force_upcast (SDXL-style VAEs overflow in half
+    precision) keeps the VAE in fp32 whatever `dtype` the run asks for.
+    """
 
     def __init__(self, path: str, device="cpu", dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
 
-        self.device, self.dtype = torch.device(device), dtype
-        self.model = _freeze(AutoencoderKL.from_pretrained(path, torch_dtype=dtype).to(self.device))
+        conf = AutoencoderKL.load_config(path)
+        self.device = torch.device(device)
+        self.dtype = torch.float32 if conf.get("force_upcast", True) else dtype
+        self.model = _freeze(AutoencoderKL.from_pretrained(path, torch_dtype=self.dtype).to(self.device))
         conf = self.model.config
         self.latent_channels = int(conf.latent_channels)
         self.downsample = 2 ** (len(conf.block_out_channels) - 1)
         self.scaling_factor = float(conf.scaling_factor)
-        self.shift_factor = float(getattr(conf, "shift_factor", None) or 0.0)
+        self.shift_C11, self.std_C11 = self._channel_stats(conf)
+
+    def _channel_stats(self, conf) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (offset, spread) [C, 1, 1] in fp32: latents_mean/std if both given, else (shift_factor, 1)."""
+        C = self.latent_channels
+        mean, std = getattr(conf, "latents_mean", None), getattr(conf, "latents_std", None)
+        if mean is not None and std is not None:
+            if len(mean) != C or len(std) != C:
+                raise ValueError(f"VAE config: latents_mean/latents_std have {len(mean)}/{len(std)} entries, "
+                                 f"expected latent_channels={C}")
+            return (torch.tensor(mean, dtype=torch.float32, device=self.device).view(C, 1, 1),
+                    torch.tensor(std, dtype=torch.float32, device=self.device).view(C, 1, 1))
+        shift = float(getattr(conf, "shift_factor", None) or 0.0)
+        return (torch.full((C, 1, 1), shift, device=self.device), torch.ones(C, 1, 1, device=self.device))
 
     @torch.no_grad()
     def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> normalised latents fp32 [B, C, H/f, W/f]."""
         x = images_BCHW.to(self.device, self.dtype)
-        z = self.model.encode(x).latent_dist.mean  # [B, C, H/f, W/f]
-        return ((z.float() - self.shift_factor) * self.scaling_factor)
+        z = self.model.encode(x).latent_dist.mean.float()  # [B, C, H/f, W/f]
+        return (z - self.shift_C11) / self.std_C11 * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
-        z = latents_BCHW.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        """Normalised latents [B, C, h, w] -> images fp32 [B, 3, h*f, w*f] in [-1, 1]."""
+        z = latents_BCHW.to(self.device, torch.float32) * self.std_C11 / self.scaling_factor + self.shift_C11
         return self.model.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)  # [B, 3, H, W]
 
 

@@ -78,3 +78,44 @@ def test_default_shapes_are_the_embedded_set(tiny_vae):
     assert data_shapes() == DataShapes(latent_channels=3, latent_size=32, text_dim=384, max_text_len=32)
     with pytest.raises(ValueError, match="DataConfig.image_size"):
         data_shapes(DataConfig(vae="kl", vae_path=tiny_vae, image_size=30))  # not divisible by the 4x downsampling
+
+
+def _save_vae(path, **config) -> str:
+    """The tiny AutoencoderKL of the tiny_vae fixture with extra config fields, saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(latent_channels=8, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, **config).save_pretrained(path)
+    return str(path)
+
+
+def test_kl_vae_per_channel_latents_mean_std(tmp_path):
+    from diffusers import AutoencoderKL
+
+    mean_C, std_C = [0.1 * c - 0.3 for c in range(8)], [0.5 + 0.25 * c for c in range(8)]
+    path = _save_vae(tmp_path / "vae", scaling_factor=0.5, shift_factor=0.7, latents_mean=mean_C, latents_std=std_C)
+    vae = load_vae(DataConfig(vae="kl", vae_path=path, image_size=32))
+    x_B3HW = torch.rand(2, 3, 32, 32) * 2 - 1
+    z_BCHW = vae.encode(x_B3HW)
+    ref = AutoencoderKL.from_pretrained(path).eval()
+    with torch.no_grad():
+        raw_BCHW = ref.encode(x_B3HW).latent_dist.mean
+        m, s = torch.tensor(mean_C).view(1, 8, 1, 1), torch.tensor(std_C).view(1, 8, 1, 1)
+        torch.testing.assert_close(z_BCHW, (raw_BCHW - m) / s * 0.5)  # SDXL's convention; shift_factor unused
+        torch.testing.assert_close(vae.decode(z_BCHW), ref.decode(raw_BCHW).sample.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    shifted = load_vae(DataConfig(vae="kl", vae_path=_save_vae(tmp_path / "sd3", scaling_factor=0.5, shift_factor=0.7),
+                                  image_size=32))
+    torch.testing.assert_close(shifted.encode(x_B3HW), (raw_BCHW - 0.7) * 0.5)  # SD3's convention without mean/std
+    with pytest.raises(ValueError, match="latents_mean/latents_std have 3/3 entries, expected latent_channels=8"):
+        load_vae(DataConfig(vae="kl", vae_path=_save_vae(tmp_path / "bad", latents_mean=[0.0] * 3,
+                                                         latents_std=[1.0] * 3), image_size=32))
+
+
+@pytest.mark.parametrize("force_upcast, dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_kl_vae_force_upcast_keeps_fp32_in_a_bf16_run(tmp_path, force_upcast, dtype):
+    path = _save_vae(tmp_path / "vae", force_upcast=force_upcast)
+    vae = load_vae(DataConfig(vae="kl", vae_path=path, image_size=32, encoder_dtype="bf16"))
+    assert vae.dtype == dtype and {p.dtype for p in vae.model.parameters()} == {dtype}
+    z_BCHW = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert z_BCHW.dtype == torch.float32 and vae.decode(z_BCHW).shape == (1, 3, 32, 32)
