@@ -35,6 +35,7 @@ class DataConfig:
     vae: str = "pixel"  # "pixel" (identity on [-1, 1] images) or "kl" (diffusers AutoencoderKL)
     vae_path: str = ""  # local dir / HF name of the AutoencoderKL (vae="kl")
     encoder_dtype: str = "auto"  # "auto" = bf16 on a bf16-capable GPU, else fp32
+    text_storage: str = ""  # latent shards: "emb" | "ids" (text encoder online); "" = manifest.json's, else ids
     max_bad_fraction: float = 0.05  # stop with a clear error when more samples than this are bad ...
     min_samples_for_bad_check: int = 100  # ... once this many samples (good + bad) were seen
 
@@ -59,6 +60,8 @@ class DataConfig:
             bad("vae_path", "vae='kl' needs a model name or local path")
         if self.encoder_dtype not in DTYPES:
             bad("encoder_dtype", f"must be one of {DTYPES}")
+        if self.text_storage not in ("",) + TEXT_STORAGE:
+            bad("text_storage", f"must be '' (from manifest.json) or one of {TEXT_STORAGE}")
         for name in ("batch_size", "image_size", "max_text_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")

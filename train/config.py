@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig, data_shapes
+from data.manifest import apply_manifest
 from model.config import ConfigError, DiTConfig, get_preset
 from model.flow import FlowConfig
 from parallel.mesh import ParallelConfig, ParallelConfigError
@@ -136,9 +137,11 @@ def model_config(mcfg: ModelCfg, dcfg: DataConfig) -> DiTConfig:
 
 
 def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelConfig]:
-    """Check everything that can be checked before a process group exists."""
+    """Check everything that can be checked before a process group exists. Latent data: cfg.data takes the
+    settings of the shards' manifest.json (data/manifest.py) in place."""
     try:
         cfg.data.validate()
+        cfg.data = apply_manifest(cfg.data)  # latent shards: encoder settings from their manifest.json
     except ValueError as e:
         raise AppConfigError(str(e)) from e
     mcfg = model_config(cfg.model, cfg.data)

@@ -182,6 +182,16 @@ def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
     return model
 
 
+def _frozen_encoders(dcfg, device, use_bf16: bool) -> FrozenEncoders | None:
+    """The encoders the data needs online, in the run's autocast dtype (encoder_dtype=auto): text + VAE for
+    image shards, the text encoder for latent shards with token ids (text_storage ids, or unknown)."""
+    if dcfg.kind == "latent" and dcfg.text_storage == "emb":
+        return None
+    if dcfg.encoder_dtype == "auto":
+        dcfg = dcfg.replace(encoder_dtype="bf16" if use_bf16 else "fp32")
+    return FrozenEncoders(dcfg, device, vae=dcfg.kind == "image")
+
+
 def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) -> dict:
     tc, distributed = cfg.train, world > 1
     model = _build(mcfg, pcfg, tc, world, device)
@@ -208,7 +218,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                                             async_save=tc.async_ckpt), step_fn)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     net = backend.net  # what the loss calls forward on
-    encoders = FrozenEncoders(cfg.data, device) if cfg.data.kind == "image" else None
+    encoders = _frozen_encoders(cfg.data, device, use_bf16)
     loader = make_loader(cfg.data, rank=rank, world_size=world, transform=encoders)
     metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=tc.wandb_mode,
                       project=tc.wandb_project, name=tc.name)
