@@ -94,6 +94,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grouped-mm", action="store_true", help="also time the MoE models with torch._grouped_mm experts")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--profile", default=None, metavar="ROW", help="after timing, profile one step of this row "
+                   "(e.g. ec+compile) and print its top kernels")
     args = p.parse_args(argv)
     dev = args.device
     if "dense-eq" not in args.models:
@@ -128,6 +130,8 @@ def main(argv=None) -> dict:
         m.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
+    if args.profile is not None and args.profile not in table:
+        p.error(f"--profile {args.profile!r} is not a row of this run: {', '.join(table)}")
     times = round_robin(step, table, args.warmup, args.iters)
     tokens = B * (cfg.num_tokens if args.no_mask else cfg.kept_tokens)
     peak = device_peak_flops(torch.device(dev), args.peak_tflops)
@@ -170,8 +174,24 @@ def main(argv=None) -> dict:
         print(f"\nEC / dense at equal activated compute: {fig['ec_vs_dense_eq_ratio']:.3f}x (target <= 1.10)")
     for key in sorted(k for k in fig if k.endswith(("_compiled_vs_eager_ratio", "_grouped_mm_vs_bmm_ratio"))):
         print(f"{key}: {fig[key]:.3f}x")
+    if args.profile is not None:
+        fig["profile_row"] = args.profile
+        fig["profile_top_kernels"] = top_kernels(lambda: step(args.profile), dev)
+        print(f"\ntop kernels of one {args.profile} step:\n{fig['profile_top_kernels']}")
     write_json(args.out, fig)
     return fig
+
+
+def top_kernels(fn, device: str, rows: int = 15) -> str:
+    """The profiler's table of the `rows` most expensive kernels (device time; CPU time on CPU) of fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 if __name__ == "__main__":
     main()

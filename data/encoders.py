@@ -156,3 +156,23 @@ class FrozenEncoders:
             batch["text_emb"] = self.text.encode(batch["text_ids"], batch["text_mask"])
             batch["text_mask"] = batch["text_mask"].to(self.device)
         return batch
+
+
+def save_random_t5(out: str, captions, d_model: int = 64, layers: int = 2, seed: int = 0) -> str:
+    """Write a random T5EncoderModel (d_ff 2 * d_model, 4 heads) with a word-level tokenizer trained on
+    `captions` to the folder `out` (for `text_encoder="t5"`): a text encoder made offline, without
+    downloads, for tests and benchmarks. Returns `out`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(captions), trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(T5Config(vocab_size=fast.vocab_size, d_model=d_model, d_ff=2 * d_model,
+                                        num_layers=layers, num_heads=4, d_kv=d_model // 4, pad_token_id=0))
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out

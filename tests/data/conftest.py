@@ -24,25 +24,11 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory):
     """A random 2-layer T5EncoderModel (d_model 64) with a word-level tokenizer trained offline on captions."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
+    from data.encoders import save_random_t5
     from data.synthetic import generate_sample
 
-    import torch
-
-    out = str(tmp_path_factory.mktemp("t5tiny"))
     captions = [generate_sample(i, 0, 32)[1] for i in range(500)]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
-    torch.manual_seed(0)
-    model = T5EncoderModel(T5Config(vocab_size=fast.vocab_size, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
-                                    pad_token_id=0))
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return save_random_t5(str(tmp_path_factory.mktemp("t5tiny")), captions, d_model=64)
 
 
 @pytest.fixture(scope="session")

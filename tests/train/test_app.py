@@ -139,6 +139,22 @@ def test_compile_is_refused_where_the_block_cannot_be_one_graph(parallel, world,
         validate_app(cfg, world)
 
 
+def test_train_compile_compiles_every_block_of_the_built_model():
+    import torch
+
+    from train.config import AppConfig, validate_app
+    from train.trainer import _build
+    cfg = AppConfig()
+    cfg.model.depth = 2
+    cfg.train.compile = True
+    mcfg, pcfg = validate_app(cfg, 1)
+    model = _build(mcfg, pcfg, cfg.train, 1, torch.device("cpu"))  # compiles lazily: nothing traced yet
+    assert all(getattr(blk, "_ecdit_compiled", False) for blk in model.blocks)
+    cfg.train.compile = False
+    eager = _build(mcfg, pcfg, cfg.train, 1, torch.device("cpu"))
+    assert not any(hasattr(blk, "_ecdit_compiled") for blk in eager.blocks)
+
+
 @pytest.mark.distributed
 def test_multinode_script_two_nodes_on_localhost(tmp_path, shapes):
     import socket
