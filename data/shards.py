@@ -3,31 +3,31 @@
     loader = make_image_loader(cfg)        # batches {"image" [B,3,H,W] in [-1,1], "text_ids", "text_mask", ...}
     loader = make_latent_loader(cfg)       # batches {"latent" [B,C,S,S], "text_emb" | "text_ids", "text_mask", ...}
     for batch in loader: ...               # an infinite stream unless cfg.epochs is set
-    state = loader.state_dict()            # position: per worker (epoch, samples consumed, bad counts)
+    state = loader.state_dict()            # this rank's exact position (JSON): every worker's reader state
     loader.load_state_dict(state)          # the next batches are the ones an uninterrupted run would see
+    loader.restore(states_of_all_ranks)    # the same at the same ranks x workers; elastic at any other
 
-Reading uses webdataset (shard lists with brace patterns / local paths / pipe: URLs, tar parsing, the
-shuffle buffer). Three small pieces are ours, because webdataset 1.0.2 has no mid-epoch resume:
-  * the shard order of an epoch is a pure function of (seed, epoch) and the split takes shard i of that
-    order on rank i % world and worker (i // world) % workers -- the islice rule of wds.split_by_node /
-    wds.split_by_worker, applied with explicit ids: the rank is resolved once in the main process and the
-    worker id is rotated on resume so batches keep their round-robin order across a restart;
-  * every worker counts the raw samples it has passed on in the current epoch; a resumed worker rebuilds
-    the same deterministic stream (same shards, same shuffle seed) and skips that many samples *before*
-    decoding them (cost: re-reading, not re-decoding, the consumed part of the current epoch);
-  * bad samples are classified per reason, counted, logged and skipped; the run stops with one clear
-    message when the bad fraction passes cfg.max_bad_fraction.
+webdataset does the reading (brace patterns, local paths and pipe: URLs, tar parsing and key grouping);
+the stream over it is data/stream.py: the epoch plan, each reader's exact position, and the
+world-independent record of what an epoch has consumed (its docstring says what resume costs and what
+the shuffle guarantees). Here: decoding, collation, bad samples (classified per reason, counted, logged,
+skipped; the run stops with one clear message when the bad fraction passes data.max_bad_fraction), the
+shard-list checks, and the main-process loader that keeps the position of the batches it has passed on.
+A local shard that does not end with its end-of-archive blocks (cut inside a member header, which
+tarfile reads as a normal end) loses its last sample, counted as `tar`.
 No pickle decoding anywhere: samples that carry .pyd/.pickle/.pkl/.pt/.pth entries are rejected, and
 npy/safetensors are read with np.load(allow_pickle=False) / safetensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-import random
+import os
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,12 +35,15 @@ import webdataset as wds
 from PIL import Image
 
 from data.config import DataConfig, data_shapes, text_encoder_path
+from data.stream import VERSION, ReaderState, ShardReader, merge_states, restored
 
 log = logging.getLogger("data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pt", "pth")  # never decoded: pickle / torch.load payloads
-REASONS = ("open", "tar", "pickle", "image", "caption", "json", "latent", "text")
+# Why a sample was skipped: shard unreadable, tar corrupt or truncated, pickle entry, undecodable image,
+# missing/empty caption, bad json, bad latent, bad text tensors.
+BAD_REASONS = ("open", "tar", "pickle", "image", "caption", "json", "latent", "text")
 
 
 class TooManyBadSamples(RuntimeError):
@@ -56,23 +59,14 @@ class BadSample(Exception):
 # ----------------------------------------------------------------------------------------- bad-sample book
 
 
-class Position:
-    """One worker's place in the stream: epoch, raw samples passed on in it, good/bad sample counts."""
-
-    def __init__(self, epoch=0, consumed=0, good=0, bad=None):
-        self.epoch, self.consumed, self.good, self.bad = epoch, consumed, good, Counter(bad or {})
-
-    def as_dict(self) -> dict:
-        return dict(epoch=self.epoch, consumed=self.consumed, good=self.good, bad=dict(self.bad))
-
-
 def check_bad_fraction(good: int, bad: Counter, cfg: DataConfig, where: str = "") -> None:
-    """Raise TooManyBadSamples if more than cfg.max_bad_fraction of the samples seen were bad."""
+    """Raise TooManyBadSamples if more than cfg.max_bad_fraction of the samples seen were bad (judged
+    once cfg.min_samples_for_bad_check were seen)."""
     nbad = sum(bad.values())
     seen = good + nbad
     if seen >= max(1, cfg.min_samples_for_bad_check) and nbad > cfg.max_bad_fraction * seen:
         raise TooManyBadSamples(
-            f"data{where}: {nbad} of {seen} samples were bad ({nbad / seen:.1%} > max_bad_fraction "
+            f"data{where}: {nbad} of {seen} samples were bad ({nbad / seen:.1%} > data.max_bad_fraction="
             f"{cfg.max_bad_fraction:.1%}); by reason: {dict(bad)}; shards: {cfg.shards}")
 
 
@@ -214,20 +208,42 @@ def expand_shards(shards) -> list[str]:
     """Brace patterns ("a-{000..009}.tar", "::"-joined), local paths or pipe: URLs -> list of URLs."""
     urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else [u for s in shards for u in wds.shardlists.expand_urls(s)]
     if not urls or not all(urls):
-        raise ValueError(f"DataConfig.shards: no shards in {shards!r}")
+        raise ValueError(f"data.shards: no shards in {shards!r}")
     return urls
 
 
-def epoch_shards(urls: list[str], cfg: DataConfig, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
-    """The shards (rank, worker) reads in `epoch`: deterministic in (seed, epoch), disjoint across readers."""
-    if cfg.resampled:  # with replacement, every reader from all shards, as wds.ResampledShards
-        rng = random.Random(f"{cfg.seed}/{epoch}/{rank}/{worker}")
-        n = max(1, -(-len(urls) // (world * workers)))
-        return [urls[rng.randrange(len(urls))] for _ in range(n)]
-    order = list(urls)
-    if cfg.shuffle_shards:
-        random.Random(f"{cfg.seed}/{epoch}").shuffle(order)  # same order on every rank
-    return order[rank::world][worker::workers]  # = wds.split_by_node then wds.split_by_worker
+def check_shard_list(cfg: DataConfig, world_size: int) -> list[str]:
+    """The expanded shard list, or ValueError (one line naming data.shards): empty, a directory, missing
+    files, or fewer shards than ranks x workers (without resampling)."""
+    if not cfg.shards:
+        raise ValueError("data.shards is empty: give a brace pattern such as 'shards/data-{000000..000099}.tar'")
+    if os.path.isdir(cfg.shards):
+        tars = sorted(f for f in os.listdir(cfg.shards) if f.endswith(".tar"))
+        hint = f" such as '{os.path.join(cfg.shards, tars[0])}'" if tars else ""
+        raise ValueError(f"data.shards={cfg.shards!r} is a directory: give the shard files as a brace pattern{hint} "
+                         f"({len(tars)} .tar files there)")
+    urls = expand_shards(cfg.shards)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"data.shards: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    readers = world_size * max(1, cfg.num_workers)
+    if not cfg.resampled and len(urls) < readers:
+        raise ValueError(f"data.shards: {len(urls)} shards < {world_size} ranks x {max(1, cfg.num_workers)} workers; "
+                         "write more shards, lower data.num_workers or set data.resampled=true")
+    return urls
+
+
+def _tar_is_complete(url: str) -> bool:
+    """A local tar ends with its end-of-archive blocks (two zero 512-byte blocks after the last member);
+    a file cut inside a member header does not, although tarfile reads it without an error."""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return True  # streams cannot be checked ahead
+    size = os.path.getsize(url)
+    if size < 1024 or size % 512:
+        return False
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def _error_source(exn: Exception) -> str | None:
@@ -243,10 +259,53 @@ def _error_source(exn: Exception) -> str | None:
     return None
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Runs in each DataLoader worker: reads its shards, skips to its saved position, decodes and batches.
+class _Tally:
+    """Good and bad (per reason) samples of one worker, with the first few warnings per reason logged."""
 
-    Every batch carries "_pos" (the worker's Position after it) so the main process knows what it consumed.
+    def __init__(self, where: str, good: int = 0, bad: dict | None = None):
+        self.where, self.good, self.bad, self.warned = where, good, Counter(bad or {}), Counter()
+
+    def add_bad(self, reason: str, msg: str) -> None:
+        self.bad[reason] += 1
+        self.warned[reason] += 1
+        if self.warned[reason] <= 3:
+            log.warning("skipping bad sample%s [%s]: %s%s", self.where, reason, msg,
+                        " (further ones of this kind are counted silently)" if self.warned[reason] == 3 else "")
+
+
+def _shard_samples(url: str, tally: _Tally, count_from: float):
+    """Raw samples of one shard in tar order. Errors (unreadable or corrupt tar, a cut header) are counted
+    once, as `open` or `tar`, when they come at or after sample `count_from` (earlier ones were counted
+    by the read that got there first)."""
+    failed, yielded = [], 0
+
+    def on_error(exn):
+        if not failed and yielded >= count_from:
+            reason = "open" if isinstance(exn, OSError) and "tar" not in type(exn).__name__.lower() else "tar"
+            tally.add_bad(reason, f"{type(exn).__name__}: {exn}")
+        failed.append(exn)
+        return True
+
+    complete = _tar_is_complete(url)
+    prev = None
+    for raw in wds.tariterators.tarfile_samples([dict(url=url)], handler=on_error):
+        if prev is not None:
+            yielded += 1
+            yield prev
+        prev = raw
+    if prev is not None and (complete or failed):
+        yield prev
+    elif prev is not None:  # cut inside a header: the last sample may lack members
+        if yielded >= count_from:
+            tally.add_bad("tar", f"{url} ends without its end-of-archive blocks (truncated); its last sample "
+                                 f"{prev.get('__key__')} is dropped")
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: one reader (data/stream.py) over its shards, decoded and batched.
+
+    Every batch carries "_pos": the worker's exact reader state and sample counts after it, so the main
+    process knows what it has consumed.
     """
 
     def __init__(self, cfg: DataConfig, urls: list[str], rank: int, world: int, start: dict, worker_offset: int,
@@ -254,75 +313,63 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.cfg, self.urls, self.rank, self.world = cfg, urls, rank, world
         self.start, self.worker_offset, self.decode, self.collate = start, worker_offset, decode, collate
 
-    def _pipeline(self, shards: list[str], epoch: int, worker: int, on_error):
-        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=on_error)]
-        if self.cfg.shuffle_buffer > 0:
-            rng = random.Random(f"{self.cfg.seed}/{epoch}/{self.rank}/{worker}/samples")
-            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
-        return wds.DataPipeline(*stages)
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         dl_worker, workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (dl_worker + self.worker_offset) % workers  # logical id: rotated so resumes keep batch order
-        pos = Position(**self.start.get(worker, {}))
-        skip, cfg, where = pos.consumed, self.cfg, f" (rank {self.rank} worker {worker})"
-        warned = Counter()
+        cfg, saved = self.cfg, self.start.get(worker)
+        if saved is not None:
+            state = ReaderState.from_dict(saved["reader"])
+        else:
+            state = ReaderState(self.rank + self.world * worker, self.world * workers, len(self.urls), cfg.seed)
+        tally = _Tally(f" (rank {self.rank} worker {worker})", **(saved or {}).get("counts", {}))
 
-        def bad(reason, msg):
-            pos.bad[reason] += 1
-            warned[reason] += 1
-            if warned[reason] <= 3:
-                log.warning("skipping bad sample%s [%s]: %s%s", where, reason, msg,
-                            " (further ones of this kind are counted silently)" if warned[reason] == 3 else "")
-            check_bad_fraction(pos.good, pos.bad, cfg, where)
+        def open_shard(shard, count_from=float("inf")):
+            return _shard_samples(self.urls[shard], tally, count_from)
 
-        broken = set()
+        reader = ShardReader(state, open_shard, cfg.shuffle_buffer, cfg.shuffle_shards, cfg.resampled)
 
-        def on_error(exn):  # webdataset handler: a shard that cannot be opened or a truncated/corrupt tar
-            source = _error_source(exn)
-            if source is not None and source in broken:
-                return True  # one broken tar raises twice (bad member, then the stream): count it once
-            broken.add(source)
-            if pos.consumed >= skip:  # errors before the resume point were counted by the first run
-                reason = "open" if isinstance(exn, OSError) and "tar" not in type(exn).__name__.lower() else "tar"
-                bad(reason, f"{type(exn).__name__}: {exn}")
-            return True  # continue with the next shard
+        def pos():
+            return dict(reader=reader.snapshot(), counts=dict(good=tally.good, bad=dict(tally.bad)), worker=worker)
 
-        batch = []
-        while cfg.epochs is None or pos.epoch < cfg.epochs:
-            shards = epoch_shards(self.urls, cfg, pos.epoch, self.rank, self.world, worker, workers)
-            if not shards:
-                raise ValueError(f"DataConfig.shards: {len(self.urls)} shards < {self.world} ranks x {workers} workers")
-            pos.consumed = 0
-            for raw in self._pipeline(shards, pos.epoch, worker, on_error):
-                pos.consumed += 1
-                if pos.consumed <= skip:
-                    continue  # resume: consumed before the checkpoint; skipped undecoded
-                try:
-                    sample = self.decode(raw)
-                except BadSample as e:
-                    bad(e.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {e}")
-                    continue
-                pos.good += 1
-                batch.append(sample)
-                if len(batch) == cfg.batch_size:
-                    yield dict(self.collate(batch), _pos=dict(pos.as_dict(), worker=worker))
-                    batch = []
-            if pos.consumed == 0:
-                raise RuntimeError(f"data{where}: epoch {pos.epoch} yielded no samples from {len(shards)} shards "
-                                   f"(first {shards[0]}); bad so far: {dict(pos.bad)}")
-            skip, pos.epoch, pos.consumed = 0, pos.epoch + 1, 0  # a whole epoch consumed
+        batch, read_in_epoch = [], 0
+        for raw in reader.samples():
+            if raw is None:  # an epoch's items are all delivered
+                fresh = all(i.upto == 0 and not i.pending for i in state.items)
+                if read_in_epoch == 0 and state.items and fresh:
+                    raise RuntimeError(f"data{tally.where}: epoch {state.epoch} read no samples from its "
+                                       f"{len(state.items)} shards (first {self.urls[state.items[0].shard]}); "
+                                       f"bad so far: {dict(tally.bad)}")
+                read_in_epoch = 0
+                if cfg.epochs is not None and state.epoch + 1 >= cfg.epochs:
+                    break
+                continue
+            read_in_epoch += 1
+            try:
+                sample = self.decode(raw)
+            except BadSample as e:
+                tally.add_bad(e.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {e}")
+                continue
+            tally.good += 1
+            batch.append(sample)
+            if len(batch) == cfg.batch_size:
+                yield dict(self.collate(batch), _pos=pos())
+                batch = []
         if batch and not cfg.drop_last:
-            yield dict(self.collate(batch), _pos=dict(pos.as_dict(), worker=worker))
-        yield dict(_pos=dict(pos.as_dict(), worker=worker), _end=True)  # final counts (bad samples after the last batch)
+            yield dict(self.collate(batch), _pos=pos())
+        yield dict(_pos=pos(), _end=True)  # final counts (bad samples after the last batch)
 
 
 # ----------------------------------------------------------------------------------------- main-process loader
 
 
+def _url_digest(urls: list[str]) -> str:
+    return hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16]
+
+
 class ShardLoader:
-    """Iterable of batches with state_dict()/load_state_dict() for the stream position (per rank)."""
+    """Iterable of batches with state_dict() / load_state_dict() (this rank, exact) and restore() (every
+    rank's saved state: exact at the same ranks and workers, elastic otherwise)."""
 
     def __init__(self, cfg: DataConfig, decode, collate, rank: int | None = None, world_size: int | None = None,
                  transform=None):
@@ -331,12 +378,10 @@ class ShardLoader:
             rank, world_size = wds.utils.pytorch_worker_info()[:2]  # RANK/WORLD_SIZE env or torch.distributed
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.decode, self.collate, self.transform = decode, collate, transform
-        self.urls = expand_shards(cfg.shards)
+        self.urls = check_shard_list(cfg, world_size)
         self.workers = max(1, cfg.num_workers)
-        if not cfg.resampled and len(self.urls) < world_size * self.workers:
-            raise ValueError(f"DataConfig.shards: {len(self.urls)} shards < {world_size} ranks x {self.workers} workers; "
-                             "write more shards, lower num_workers or set resampled=True")
-        self.positions: dict[int, dict] = {}  # logical worker -> Position.as_dict() after its last consumed batch
+        self.positions: dict[int, dict] = {}  # logical worker -> {"reader", "counts"} after its last batch
+        self.carried = dict(good=0, bad={})  # counts of an elastic restart's saved ranks assigned to this one
         self.next_worker = 0
 
     def __iter__(self):
@@ -356,11 +401,12 @@ class ShardLoader:
             yield self.transform(batch) if self.transform else batch
 
     def stats(self) -> dict:
-        """Good and bad (per reason) sample counts of this rank so far."""
-        bad = Counter()
+        """Good and bad (per reason) sample counts of this rank so far (this run and the ones it resumed)."""
+        bad = Counter(self.carried["bad"])
         for p in self.positions.values():
-            bad.update(p["bad"])
-        return dict(good=sum(p["good"] for p in self.positions.values()), bad=dict(bad))
+            bad.update(p["counts"]["bad"])
+        good = self.carried["good"] + sum(p["counts"]["good"] for p in self.positions.values())
+        return dict(good=good, bad=dict(bad))
 
     def report(self) -> str:
         s = self.stats()
@@ -368,21 +414,75 @@ class ShardLoader:
         return f"data rank {self.rank}: {s['good']} good samples, {nbad} bad {s['bad'] or ''}".rstrip()
 
     def state_dict(self) -> dict:
-        """This rank's position (plain ints/dicts). Ranks differ: checkpoint it under a per-rank key, since
+        """This rank's position (plain JSON). Ranks differ: checkpoint it under a per-rank key, since
         torch.distributed.checkpoint keeps one copy of a non-tensor value that every rank saves under one key."""
-        return dict(version=1, rank=self.rank, world_size=self.world, num_workers=self.workers, seed=self.cfg.seed,
-                    shards=len(self.urls), next_worker=self.next_worker,
-                    workers={str(w): dict(p) for w, p in self.positions.items()})
+        return dict(version=VERSION, rank=self.rank, world_size=self.world, num_workers=self.workers,
+                    seed=self.cfg.seed, shards=len(self.urls), urls=_url_digest(self.urls),
+                    next_worker=self.next_worker, carried=self.carried,
+                    workers={str(w): p for w, p in self.positions.items()})
+
+    def _check_same_data(self, state: dict) -> None:
+        for name, mine in (("version", VERSION), ("seed", self.cfg.seed), ("shards", len(self.urls)),
+                           ("urls", _url_digest(self.urls))):
+            if state.get(name) != mine:
+                raise ValueError(f"data state: saved {name}={state.get(name)!r} but this loader has {mine!r}; "
+                                 "resuming needs the same shard list (data.shards) and data.seed")
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state`. The split must match: same shards, world size, rank, workers and seed."""
-        for name, mine in (("world_size", self.world), ("rank", self.rank), ("num_workers", self.workers),
-                           ("seed", self.cfg.seed), ("shards", len(self.urls))):
+        """Resume this rank exactly at `state` (saved by the same rank at the same world size and workers)."""
+        self._check_same_data(state)
+        for name, mine in (("world_size", self.world), ("rank", self.rank), ("num_workers", self.workers)):
             if state.get(name) != mine:
-                raise ValueError(f"data state: saved {name}={state.get(name)} but this loader has {mine}; "
-                                 "an exact resume needs the same shards, ranks, workers and seed")
-        self.positions = {int(w): dict(p, bad=dict(p["bad"])) for w, p in state["workers"].items()}
+                raise ValueError(f"data state: saved {name}={state.get(name)} but this loader has {mine}; use "
+                                 "restore() with every rank's state to resume at another world size or workers")
+        self.positions = {int(w): p for w, p in state["workers"].items()}
+        self.carried = state.get("carried", dict(good=0, bad={}))
         self.next_worker = int(state["next_worker"])
+
+    def restore(self, states: list[dict]) -> str:
+        """Resume from every saved rank's state_dict(): exactly when ranks and workers are the same, else
+        elastically (data/stream.py: the epoch's remaining samples are dealt to this run's readers, each
+        delivered once). Returns "exact" or "elastic"."""
+        for s in states:
+            self._check_same_data(s)
+        if len(states) == self.world and states[0]["num_workers"] == self.workers:
+            self.load_state_dict(next(s for s in states if s["rank"] == self.rank))
+            return "exact"
+        readers, counts = [], []
+        for s in states:
+            for w in range(s["num_workers"]):
+                p = s["workers"].get(str(w))
+                readers.append(p["reader"] if p else ReaderState(s["rank"] + s["world_size"] * w,
+                                                                   s["world_size"] * s["num_workers"],
+                                                                   len(self.urls), self.cfg.seed).as_dict())
+            counts.append((s["rank"], s))
+        self.positions, self.next_worker = {}, 0
+        if self.cfg.resampled:  # draws with replacement: continue with the next round
+            epoch = max(r["epoch"] for r in readers) + 1
+            new = [ReaderState(self.rank + self.world * w, self.world * self.workers, len(self.urls), self.cfg.seed,
+                               epoch=epoch) for w in range(self.workers)]
+        else:
+            work = merge_states(readers, len(self.urls), self.cfg.shuffle_shards)
+            new = [restored(self.rank + self.world * w, self.world * self.workers, len(self.urls), self.cfg.seed,
+                            work) for w in range(self.workers)]
+        for w, state in enumerate(new):
+            self.positions[w] = dict(reader=state.as_dict(), counts=dict(good=0, bad={}))
+        good, bad = 0, Counter()
+        for rank, s in counts:  # saved rank q's counts go to rank q % world: the totals are kept
+            if rank % self.world == self.rank:
+                total = _saved_counts(s)
+                good, bad = good + total["good"], bad + Counter(total["bad"])
+        self.carried = dict(good=good, bad=dict(bad))
+        return "elastic"
+
+
+def _saved_counts(state: dict) -> dict:
+    bad = Counter(state.get("carried", {}).get("bad", {}))
+    good = state.get("carried", {}).get("good", 0)
+    for p in state["workers"].values():
+        good += p["counts"]["good"]
+        bad.update(p["counts"]["bad"])
+    return dict(good=good, bad=dict(bad))
 
 
 def make_image_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
@@ -395,8 +495,9 @@ def make_image_loader(cfg: DataConfig, rank: int | None = None, world_size: int 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(cfg))
-    return ShardLoader(cfg, _Bind(decode_image_sample, cfg), _Bind(collate_images, tokenizer, cfg.max_text_len),
-                       rank, world_size, transform)
+    return ShardLoader(cfg, partial(decode_image_sample, cfg=cfg),
+                       partial(collate_images, tokenizer=tokenizer, max_len=cfg.max_text_len), rank, world_size,
+                       transform)
 
 
 def make_latent_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
@@ -408,21 +509,12 @@ def make_latent_loader(cfg: DataConfig, rank: int | None = None, world_size: int
     """
     shapes = data_shapes(cfg)
     css = (shapes.latent_channels, shapes.latent_size, shapes.latent_size)
-    decode = _Bind(decode_latent_sample, cfg, css, shapes.text_dim if check_text_dim else None)
-    return ShardLoader(cfg, decode, _Bind(collate_latents, max_len=cfg.max_text_len), rank, world_size, transform)
+    decode = partial(decode_latent_sample, cfg=cfg, expect_CSS=css,
+                     text_dim=shapes.text_dim if check_text_dim else None)
+    return ShardLoader(cfg, decode, partial(collate_latents, max_len=cfg.max_text_len), rank, world_size, transform)
 
 
 def make_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None, transform=None) -> ShardLoader:
     """make_image_loader or make_latent_loader, by cfg.kind."""
     make = make_image_loader if cfg.kind == "image" else make_latent_loader
     return make(cfg, rank, world_size, transform)
-
-
-class _Bind:
-    """Picklable partial(f, *args)(x) with x first (DataLoader workers may be spawned)."""
-
-    def __init__(self, f, *args, **kw):
-        self.f, self.args, self.kw = f, args, kw
-
-    def __call__(self, x):
-        return self.f(x, *self.args, **self.kw)

@@ -64,6 +64,10 @@ def main() -> None:
 def _print_summary(s: dict, overrides: list[str]) -> None:
     print("\n[train] done" if not s.get("stopped_by_signal") else "\n[train] stopped by signal", flush=True)
     print(f"  steps:        {s['step']}  (loss {s['first_loss']} -> {s['last_loss']})")
+    if "data" in s:
+        bad = {k.rsplit("/", 1)[1]: v for k, v in s["data"].items() if k.startswith("data/bad/") and v}
+        print(f"  data:         {s['data']['data/good']} good samples, {sum(bad.values())} skipped as bad"
+              + (f" {bad}" if bad else ""))
     print(f"  run dir:      {s['run_dir']}  (metrics.jsonl, .hydra/config.yaml)")
     print(f"  checkpoints:  {s['checkpoints']}")
     if s.get("wandb_dir"):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world
+from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
+                         saved_train_states)
 
 
 class TorchBackend:
@@ -58,8 +59,8 @@ class TorchBackend:
 
     def load(self, path: Path) -> dict | None:
         saved = self.ckpt.load(path, self.net, self.opt, extra={"ema": self.ema} if self.ema is not None else None)
-        if saved is not None:
-            self.sched.load_state_dict(saved["schedule"])
+        # At another world size: the schedule is the same on every rank; take rank 0's.
+        self.sched.load_state_dict((saved or saved_train_states(path)[0])["schedule"])
         return saved
 
     def wait(self) -> None:

@@ -197,6 +197,12 @@ class Checkpointer:
         return json.loads(rank_file.read_text())
 
 
+def saved_train_states(path: str | Path) -> list[dict]:
+    """Every rank's JSON train state of a checkpoint (train/rankNNNNN.json), in rank order."""
+    files = sorted((Path(path) / "train").glob("rank*.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
 def _app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     if optimizer is None:
         return {"model": get_model_state_dict(model)}

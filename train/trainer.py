@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from data import FrozenEncoders, TooManyBadSamples, make_loader
+from data.shards import BAD_REASONS
 from model.config import config_to_dict
 from model.dit import DiT, build_model
 from model.flops import train_step_flops
@@ -29,7 +30,7 @@ from parallel.parallelize import parallelize
 from parallel.routing_pool import install_routing_pool
 
 from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config
-from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng
+from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng, saved_train_states
 from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
 from .state import TrainState
@@ -231,10 +232,12 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     resume_from = {"auto": backend.latest(), "none": None}.get(tc.resume, tc.resume)
     if resume_from is not None:
         saved = backend.load(Path(resume_from))
-        if saved is None:
-            _log0(f"resumed weights from {resume_from} (saved at another world size: data position and "
-                  "RNG start afresh)")
-            state.step = json.loads((Path(resume_from) / "meta.json").read_text())["step"]
+        if saved is None:  # saved at another world size: rank 0's counters, every rank's data position
+            states = saved_train_states(resume_from)
+            state = TrainState.from_dict({**states[0], "rng": {}})
+            loader.restore([s["data"] for s in states])
+            _log0(f"resumed from {resume_from} at step {state.step}, saved by {len(states)} ranks: the data "
+                  f"stream continues its epoch over {world} ranks; RNG starts afresh")
         else:
             state = TrainState.from_dict(saved)
             loader.load_state_dict(state.data)
@@ -306,6 +309,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                 data = {"loss": loss_value, "lr": backend.lr(), "grad_norm": grad_norm,
                         "samples_seen": state.samples_seen, "nan_total": state.nan_total}
                 data.update(moe_scalars(stats))
+                data.update(_data_totals(loader, distributed, device))
                 metrics.log(data, state.step)
                 _log0(progress.line(state.step, loss_value, images_per_step, tokens_per_step, flops, peak))
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop.item() > 0:
@@ -322,11 +326,23 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         backend.wait()
     summary = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"), "step": state.step,
                "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
-               "stopped_by_signal": signals.received is not None}
+               "stopped_by_signal": signals.received is not None,
+               "data": _data_totals(loader, distributed, device)}
     if signals.received is None and state.step >= tc.steps:
         summary.update(_sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
     metrics.close()
     return summary
+
+
+def _data_totals(loader, distributed: bool, device: torch.device) -> dict:
+    """Good and bad (by reason) samples read so far by all ranks: {"data/good": n, "data/bad/<reason>": n}."""
+    stats = loader.stats()
+    counts = torch.tensor([stats["good"]] + [stats["bad"].get(r, 0) for r in BAD_REASONS], dtype=torch.float64,
+                          device=device)
+    if distributed:
+        dist.all_reduce(counts)
+    values = [int(v) for v in counts.tolist()]
+    return {"data/good": values[0], **{f"data/bad/{r}": v for r, v in zip(BAD_REASONS, values[1:])}}
 
 
 def _sample_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:

@@ -88,7 +88,7 @@ def test_pipe_urls_and_too_few_shards(shapes_dir, tmp_path):
     path = os.path.join(shapes_dir["dir"], "shapes-000003.tar")
     keys = flat(keys_of(make_image_loader(cfg_for(f"pipe:cat {path}", drop_last=False))))
     assert sorted(keys) == [f"{i:09d}" for i in range(120, 160)]
-    with pytest.raises(ValueError, match="DataConfig.shards: 1 shards < 1 ranks x 2 workers"):
+    with pytest.raises(ValueError, match="data.shards: 1 shards < 1 ranks x 2 workers"):
         make_image_loader(cfg_for(path, num_workers=2))
 
 
@@ -146,7 +146,7 @@ def test_too_many_bad_samples_stop_with_a_clear_message(tmp_path):
         s["png"] = b"not an image"
     _write(tmp_path / "b-0.tar", samples)
     cfg = cfg_for(str(tmp_path / "b-0.tar"), max_bad_fraction=0.2, min_samples_for_bad_check=10, batch_size=4)
-    with pytest.raises(TooManyBadSamples, match=r"max_bad_fraction 20.0%.*'image'"):
+    with pytest.raises(TooManyBadSamples, match=r"max_bad_fraction=20.0%.*'image'"):
         keys_of(make_image_loader(cfg))
     ok = make_image_loader(cfg.replace(max_bad_fraction=0.6))
     assert len(flat(keys_of(ok))) == 20 and ok.stats()["bad"] == {"image": 20}
