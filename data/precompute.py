@@ -1,10 +1,19 @@
-"""Image shards -> latent shards with the frozen encoders (CLI: python -m data.precompute --help).
+"""Image shards -> latent shards with the frozen encoders, over any number of processes (CLI: python -m
+data.precompute --help; torchrun --nproc_per_node=N -m data.precompute ...; launch/slurm/precompute.sbatch).
 
 Each output sample: `safetensors` = {"latent": [C, S, S] (fp32 or bf16), and either "text_emb": bf16 [L_i, Dt]
 truncated to the caption's L_i tokens (--text-storage emb) or "text_ids": int32 [L_i] (--text-storage ids)},
-plus the caption (txt) and the input's json. Output shard k holds the samples of input shard k; it is
-written under a temporary name and renamed when complete, so a rerun skips finished shards (resumable per
-shard). A manifest.json records the settings, counts and bytes per sample.
+plus the caption (txt) and the input's json. The output shard of input `.../name.tar` is `OUT/name.tar`
+with the input's samples in order, so the output does not depend on the number of processes.
+
+Distributed and resumable per shard: rank r of W (RANK / WORLD_SIZE, as torchrun or srun set them; no
+process group) encodes input shards r, r + W, ... on its own device (cuda:LOCAL_RANK when there is a GPU).
+A shard is written under `name.tar.tmp`, its counts go to `OUT/.precompute/name.tar.json`, then the shard
+is renamed: a killed run leaves no partial shard under a final name, and a rerun skips every shard whose
+output and counts exist (OUT/.precompute/settings.json refuses a rerun with other settings). Rank 0
+shows the progress of all ranks (shards done, ETA), waits until every shard is finished and merges the
+counts into OUT/manifest.json: settings, latent shape and dtype, text storage, text encoder and width,
+samples, bad samples by reason, bytes per sample, throughput (read by data/manifest.py at training time).
 
 The storage trade-off (printed at the end with measured sizes): per sample,
   emb: latent (C*S*S*b) + L*Dt*2 bytes   -- no text encoder at train time; storage dominated by text
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -29,8 +39,9 @@ import numpy as np
 
 import torch
 
-from data.config import DataConfig, data_shapes
+from data.config import DataConfig, data_shapes, text_dim
 from data.encoders import load_text_encoder, load_vae
+from data.manifest import write_manifest
 from data.shards import BadSample, check_bad_fraction, decode_image_sample, expand_shards
 
 LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,83 +77,244 @@ def encode_batch(samples: list[dict], text, vae, storage: str, latent_dtype: tor
     return [dict(latent=latents[i].contiguous(), **t) for i, t in enumerate(texts)]
 
 
-def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb", latent_dtype: str = "fp32",
-               device="cpu", overwrite: bool = False, progress: bool = True) -> dict:
-    """Encode every input shard into out/latent-NNNNNN.tar; returns the summary written to manifest.json."""
-    import safetensors.torch
-    import webdataset as wds
-    from tqdm import tqdm
+# ----------------------------------------------------------------------------------------- naming and state
 
-    os.makedirs(out, exist_ok=True)
-    settings = dict(text_encoder=cfg.text_encoder, text_encoder_path=cfg.text_encoder_path, vae=cfg.vae,
-                    vae_path=cfg.vae_path, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
-                    text_storage=storage, latent_dtype=latent_dtype)
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path) and not overwrite:
-        with open(manifest_path) as f:
-            old = json.load(f).get("settings")
+STATE_DIR = ".precompute"  # OUT/.precompute: settings.json and one counts file per finished shard
+_TAR_NAME = re.compile(r"([^/\s'\"]+?)(\.tar\.gz|\.tgz|\.tar)$")
+
+
+def shard_name(url: str) -> str:
+    """Output file name of an input shard: the base name of its last `*.tar` (`.tar.gz`, `.tgz`) path, also
+    inside a pipe: command ("pipe:aws s3 cp s3://b/x/000123.tar -" -> "000123.tar")."""
+    for token in reversed(url.split()):
+        m = _TAR_NAME.search(token.rsplit("/", 1)[-1])
+        if m:
+            return m.group(1) + ".tar"
+    raise ValueError(f"--input: cannot name an output shard after {url!r} (no *.tar path in it)")
+
+
+def output_names(inputs: list[str]) -> list[str]:
+    """Output shard names, one per input, unique."""
+    names = [shard_name(u) for u in inputs]
+    seen = {}
+    for url, name in zip(inputs, names):
+        if name in seen:
+            raise ValueError(f"--input: {seen[name]!r} and {url!r} both give the output shard {name!r}")
+        seen[name] = url
+    return names
+
+
+def output_pattern(spec: str, out: str, names: list[str]) -> str:
+    """A data.shards value for the outputs: the input's brace pattern moved to `out` when it names them
+    exactly, else the output paths joined with '::'."""
+    paths = [os.path.join(out, n) for n in names]
+    if isinstance(spec, str) and "::" not in spec:
+        try:
+            pattern = os.path.join(out, shard_name(spec))
+            if expand_shards(pattern) == paths:
+                return pattern
+        except ValueError:
+            pass
+    return "::".join(paths)
+
+
+def _settings(cfg: DataConfig, storage: str, latent_dtype: str) -> dict:
+    """What the latents depend on (local model directories made absolute, so training finds them anywhere)."""
+    def where(path):
+        return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+    return dict(text_encoder=cfg.text_encoder, text_encoder_path=where(cfg.text_encoder_path), vae=cfg.vae,
+                vae_path=where(cfg.vae_path), image_size=cfg.image_size, max_text_len=cfg.max_text_len,
+                text_storage=storage, latent_dtype=latent_dtype)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _check_settings(out: str, settings: dict, overwrite: bool) -> None:
+    """Record the run's settings in OUT/.precompute/settings.json; refuse other settings unless overwrite."""
+    path = os.path.join(out, STATE_DIR, "settings.json")
+    if os.path.exists(path) and not overwrite:
+        with open(path) as f:
+            old = json.load(f)
         if old != settings:
             raise ValueError(f"--output {out} holds shards made with other settings {old}; use --overwrite or another dir")
-    text, vae = load_text_encoder(cfg, device), load_vae(cfg, device)
-    shapes = data_shapes(cfg)
-    bad, n_samples, n_new, text_tokens, t0 = {}, 0, 0, 0, time.time()
-    names = []
-    bar = tqdm(inputs, unit="shard", desc="precompute", disable=not progress, file=sys.stderr)
-    for k, url in enumerate(bar):
-        path = os.path.join(out, f"latent-{k:06d}.tar")
-        names.append(path)
-        if os.path.exists(path) and not overwrite:
-            continue  # resumable per shard: finished shards are complete (atomic rename)
-        with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:
-            pending = []
+        return
+    _write_json(path, settings)
 
-            def flush():
-                nonlocal n_samples, n_new, text_tokens
-                for (s, js), t in zip(pending, encode_batch([p[0] for p in pending], text, vae, storage, LATENT_DTYPES[latent_dtype])):
-                    rec = {"__key__": s["key"], "safetensors": safetensors.torch.save(t), "txt": s["caption"].encode()}
-                    if js is not None:
-                        rec["json"] = js
-                    sink.write(rec)
-                    text_tokens += len(t.get("text_emb", t.get("text_ids")))
-                n_samples += len(pending)
-                n_new += len(pending)
-                pending.clear()
 
-            for item in _read_shard(url, cfg, bad):
-                pending.append(item)
-                if len(pending) == cfg.batch_size:
-                    flush()
-                    bar.set_postfix(samples=n_samples, per_s=f"{n_new / (time.time() - t0):.0f}")
-            if pending:
+class Finished:
+    """Which output shards are complete with the current settings: the shard and its counts file exist."""
+
+    def __init__(self, out: str, names: list[str], settings: dict):
+        self.out, self.names, self.settings = out, names, settings
+        self.stats: dict[str, dict] = {}
+
+    def poll(self) -> int:
+        """Read the counts of newly finished shards; returns how many are finished."""
+        listed = set(os.listdir(os.path.join(self.out, STATE_DIR)))
+        for name in self.names:
+            if name in self.stats or f"{name}.json" not in listed or not os.path.exists(os.path.join(self.out, name)):
+                continue
+            with open(os.path.join(self.out, STATE_DIR, f"{name}.json")) as f:
+                stats = json.load(f)
+            if stats.get("settings") == self.settings:
+                self.stats[name] = stats
+        return len(self.stats)
+
+
+# ----------------------------------------------------------------------------------------- one shard
+
+
+def encode_shard(url: str, path: str, cfg: DataConfig, text, vae, storage: str, latent_dtype: str,
+                 on_batch=None) -> dict:
+    """Encode input shard `url` into `path`.tmp (the caller publishes it); returns its counts."""
+    import safetensors.torch
+    import webdataset as wds
+
+    bad, n, tokens, t0, pending = {}, 0, 0, time.time(), []
+    with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:
+        def flush():
+            nonlocal n, tokens
+            tensors = encode_batch([p[0] for p in pending], text, vae, storage, LATENT_DTYPES[latent_dtype])
+            for (s, js), t in zip(pending, tensors):
+                rec = {"__key__": s["key"], "safetensors": safetensors.torch.save(t), "txt": s["caption"].encode()}
+                if js is not None:
+                    rec["json"] = js
+                sink.write(rec)
+                tokens += len(t.get("text_emb", t.get("text_ids")))
+            n += len(pending)
+            if on_batch:
+                on_batch(len(pending))
+            pending.clear()
+
+        for item in _read_shard(url, cfg, bad):
+            pending.append(item)
+            if len(pending) == cfg.batch_size:
                 flush()
-        check_bad_fraction(n_samples, Counter(bad), cfg, f" ({url})")
-        os.replace(path + ".tmp", path)
+        if pending:
+            flush()
+    return dict(input=url, samples=n, bad=bad, text_tokens=tokens, seconds=round(time.time() - t0, 3))
+
+
+def _publish(out: str, name: str, stats: dict) -> None:
+    """Counts first, then the shard: a shard under its final name always has its counts."""
+    _write_json(os.path.join(out, STATE_DIR, f"{name}.json"), stats)
+    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
+# ----------------------------------------------------------------------------------------- the job
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def default_device(local_rank: int, device: str = "") -> str:
+    """cuda:LOCAL_RANK when a GPU is there (or `device` is "cuda"), else `device` or cpu."""
+    if device in ("", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device or "cpu"
+
+
+def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb", latent_dtype: str = "fp32",
+               device: str = "", overwrite: bool = False, progress: bool = True, spec: str | None = None,
+               poll_s: float = 0.5) -> dict | None:
+    """Encode this rank's share of `inputs` into `out`; rank 0 then waits for all shards and writes
+    manifest.json, whose contents it returns (other ranks: None). `spec` is the --input value (for the
+    output pattern); rank and world size come from RANK / WORLD_SIZE."""
+    from tqdm import tqdm
+
+    rank, world, local_rank = _dist_env()
+    names = output_names(inputs)
+    settings = _settings(cfg, storage, latent_dtype)
+    os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
+    _check_settings(out, settings, overwrite)
+    finished = Finished(out, names, settings)
+    finished.poll()
+    done_at_start = set() if overwrite else set(finished.stats)
+    todo = [(u, n) for i, (u, n) in enumerate(zip(inputs, names)) if i % world == rank and n not in done_at_start]
+    bar = tqdm(total=len(names), initial=len(done_at_start), unit="shard", desc=f"precompute ({world} proc)",
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    t0, encoded, bad = time.time(), 0, Counter()
+    if todo:
+        device = default_device(local_rank, device)
+        text, vae = load_text_encoder(cfg, device), load_vae(cfg, device)
+
+        def on_batch(k):
+            nonlocal encoded
+            encoded += k
+            bar.set_postfix(rank0_samples_per_s=f"{encoded / (time.time() - t0):.0f}", refresh=False)
+
+        for url, name in todo:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))  # stale (no counts, other settings, --overwrite)
+            stats = encode_shard(url, os.path.join(out, name), cfg, text, vae, storage, latent_dtype, on_batch)
+            bad.update(stats["bad"])
+            check_bad_fraction(encoded, bad, cfg, f" (rank {rank}, {url})")
+            _publish(out, name, dict(stats, settings=settings, rank=rank, world_size=world))
+            bar.update(finished.poll() - bar.n)
+    if rank != 0:
+        return None
+    while finished.poll() < len(names):  # the other ranks' shards
+        bar.update(len(finished.stats) - bar.n)
+        time.sleep(poll_s)
+    bar.update(len(finished.stats) - bar.n)
     bar.close()
+    manifest = _merge(cfg, finished, storage, latent_dtype, output_pattern(spec or inputs, out, names))
+    new = [finished.stats[n] for n in names if n not in done_at_start]
     secs = time.time() - t0
+    new_samples = sum(s["samples"] for s in new)
+    manifest["last_run"] = dict(world_size=world, new_shards=len(new), new_samples=new_samples, seconds=round(secs, 2),
+                                samples_per_s=round(new_samples / secs, 1) if new_samples else None)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _merge(cfg: DataConfig, finished: Finished, storage: str, latent_dtype: str, pattern: str) -> dict:
+    """manifest.json from the counts of every shard."""
+    stats = [finished.stats[n] for n in finished.names]
+    shapes = data_shapes(cfg)
+    samples = sum(s["samples"] for s in stats)
+    bad = Counter()
+    for s in stats:
+        bad.update(s["bad"])
+    tokens = sum(s["text_tokens"] for s in stats)
+    enc_secs = sum(s["seconds"] for s in stats)
+    disk = sum(os.path.getsize(os.path.join(finished.out, n)) for n in finished.names)
     latent_bytes = shapes.latent_channels * shapes.latent_size ** 2 * LATENT_DTYPES[latent_dtype].itemsize
-    mean_len = text_tokens / max(1, n_new) if n_new else None
-    summary = dict(settings=settings, shards=len(names), pattern=os.path.join(out, f"latent-{{000000..{len(names) - 1:06d}}}.tar"),
-                   new_samples=n_new, seconds=round(secs, 2), samples_per_s=round(n_new / secs, 1) if n_new else None,
-                   bad=bad, latent_shape=[shapes.latent_channels, shapes.latent_size, shapes.latent_size],
-                   text_dim=text.dim, mean_text_tokens=mean_len, latent_bytes=latent_bytes)
+    dim = text_dim(cfg)
+    mean_len = tokens / samples if samples else None
+    m = dict(format=1, settings=finished.settings, shards=len(stats), pattern=pattern, samples=samples,
+             bad=dict(sorted(bad.items())), latent_shape=[shapes.latent_channels, shapes.latent_size, shapes.latent_size],
+             latent_dtype=latent_dtype, text_storage=storage, text_encoder=cfg.text_encoder,
+             text_encoder_path=finished.settings["text_encoder_path"], text_dim=dim, max_text_len=cfg.max_text_len,
+             vae=cfg.vae, vae_path=finished.settings["vae_path"], image_size=cfg.image_size,
+             mean_text_tokens=mean_len, latent_bytes=latent_bytes,
+             bytes_per_sample=round(disk / samples) if samples else None,
+             samples_per_s_per_process=round(samples / enc_secs, 1) if enc_secs else None)
     if mean_len is not None:
-        summary["bytes_per_sample_emb"] = round(latent_bytes + mean_len * text.dim * 2)
-        summary["bytes_per_sample_ids"] = round(latent_bytes + mean_len * 4)
-    with open(manifest_path, "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+        m["bytes_per_sample_emb"] = round(latent_bytes + mean_len * dim * 2)
+        m["bytes_per_sample_ids"] = round(latent_bytes + mean_len * 4)
+    return m
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data.precompute",
         description="Encode image-caption WebDataset shards (jpg/png + txt) into latent shards (latent + bf16 text "
-        "embeddings, or latent + token ids) with the frozen VAE and text encoder. Resumable per shard.",
+        "embeddings, or latent + token ids) with the frozen VAE and text encoder. Resumable per shard; under "
+        "torchrun (or with RANK/WORLD_SIZE set) the shards are split over the processes, one device each.",
         epilog="Storage trade-off: 'emb' stores bf16 text embeddings (no text encoder in training; T5 embeddings are "
         "~30-100x the size of the latents), 'ids' stores token ids (tiny; the text encoder runs online). "
-        "The bytes per sample of both are printed at the end.")
+        "The bytes per sample of both are printed at the end. Example: torchrun --nproc_per_node=8 -m "
+        "data.precompute --input 'shards/{000000..099999}.tar' --output latents/ --text-storage ids")
     p.add_argument("--input", required=True, help="input shards: brace pattern, paths or pipe: URLs ('::' joins)")
-    p.add_argument("--output", required=True, help="output directory (latent-NNNNNN.tar + manifest.json)")
+    p.add_argument("--output", required=True, help="output directory (one NAME.tar per input NAME.tar + manifest.json)")
     p.add_argument("--text-storage", choices=("emb", "ids"), default="emb", help="store text embeddings or token ids")
     p.add_argument("--text-encoder", choices=("minilm", "t5"), default="minilm")
     p.add_argument("--text-encoder-path", default="", help="T5 name/dir ('' = the embedded MiniLM)")
@@ -152,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--latent-dtype", choices=tuple(LATENT_DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
+    p.add_argument("--encoder-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on a bf16-capable GPU (a VAE with force_upcast stays fp32)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--overwrite", action="store_true", help="re-encode shards that already exist")
     p.add_argument("--no-progress", action="store_true")
@@ -160,23 +334,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = DataConfig(shards=a.input, text_encoder=a.text_encoder, text_encoder_path=a.text_encoder_path,
                          max_text_len=a.max_text_len, vae=a.vae, vae_path=a.vae_path, image_size=a.image_size,
-                         batch_size=a.batch_size, max_bad_fraction=a.max_bad_fraction, min_samples_for_bad_check=0)
+                         batch_size=a.batch_size, encoder_dtype=a.encoder_dtype, max_bad_fraction=a.max_bad_fraction,
+                         min_samples_for_bad_check=0)
         inputs = expand_shards(a.input)
         missing = [u for u in inputs if not u.startswith(("pipe:", "http:", "https:")) and not os.path.isfile(u)]
         if missing:
             raise ValueError(f"--input: {len(missing)} shard(s) do not exist, first {missing[0]}")
-        s = precompute(cfg, inputs, a.output, a.text_storage, a.latent_dtype, a.device, a.overwrite, not a.no_progress)
+        s = precompute(cfg, inputs, a.output, a.text_storage, a.latent_dtype, a.device, a.overwrite,
+                       not a.no_progress, spec=a.input)
     except (ValueError, OSError, RuntimeError) as e:
         p.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-    print(f"wrote {s['shards']} shards ({s['new_samples']} new samples, {s['samples_per_s']} samples/s): {s['pattern']}")
+    if s is not None:
+        _print_summary(s, a.output)
+    return 0
+
+
+def _print_summary(s: dict, out: str) -> None:
+    run = s["last_run"]
+    print(f"wrote {s['shards']} shards, {s['samples']} samples ({run['new_samples']} new in this run, "
+          f"{run['world_size']} process(es), {run['samples_per_s']} samples/s): {os.path.join(out, 'manifest.json')}")
+    print(f"train on them: data=latent_shards data.shards='{s['pattern']}'")
     if s["mean_text_tokens"] is not None:
         print(f"bytes/sample: latent {s['latent_bytes']} + text: emb {s['bytes_per_sample_emb'] - s['latent_bytes']} "
               f"(= {s['bytes_per_sample_emb']}) vs ids {s['bytes_per_sample_ids'] - s['latent_bytes']} "
               f"(= {s['bytes_per_sample_ids']}); at 1.2B samples: {s['bytes_per_sample_emb'] * 1.2e9 / 1e12:.1f} TB (emb) vs "
-              f"{s['bytes_per_sample_ids'] * 1.2e9 / 1e12:.1f} TB (ids)")
+              f"{s['bytes_per_sample_ids'] * 1.2e9 / 1e12:.1f} TB (ids); on disk {s['bytes_per_sample']} bytes/sample")
     if s["bad"]:
         print(f"skipped bad samples: {s['bad']}")
-    return 0
 
 
 if __name__ == "__main__":

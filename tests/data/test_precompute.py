@@ -10,6 +10,7 @@ import webdataset as wds
 from data import precompute
 from data.config import DataConfig
 from data.encoders import FrozenEncoders, load_text_encoder, load_vae
+from data.manifest import apply_manifest
 from data.shards import expand_shards, make_latent_loader
 from data.synthetic import generate_sample
 
@@ -26,8 +27,11 @@ def _inputs(shapes_dir, n=3):
 def test_round_trip_pixel_vae_and_t5_embeddings(shapes_dir, tiny_t5, tmp_path):
     cfg = _cfg("", tiny_t5)
     s = precompute.precompute(cfg, _inputs(shapes_dir), str(tmp_path), storage="emb", progress=False)
-    assert s["shards"] == 3 and s["new_samples"] == 120 and s["bad"] == {}
+    assert s["shards"] == 3 and s["samples"] == s["last_run"]["new_samples"] == 120 and s["bad"] == {}
     assert s["bytes_per_sample_emb"] > s["bytes_per_sample_ids"] > s["latent_bytes"] == 3 * 32 * 32 * 4
+    assert (s["latent_shape"], s["latent_dtype"], s["text_storage"], s["text_dim"]) == ([3, 32, 32], "fp32", "emb", 64)
+    resolved = apply_manifest(DataConfig(kind="latent", shards=s["pattern"]))
+    assert (resolved.text_storage, resolved.text_encoder_path, resolved.max_text_len) == ("emb", tiny_t5, 12)
     loader = make_latent_loader(cfg.replace(shards=s["pattern"]))
     text, vae, seen = load_text_encoder(cfg), load_vae(cfg), []
     for b in loader:
@@ -48,13 +52,13 @@ def test_round_trip_pixel_vae_and_t5_embeddings(shapes_dir, tiny_t5, tmp_path):
 def test_ids_storage_with_online_text_encoder_and_resume(shapes_dir, tiny_t5, tmp_path):
     cfg = _cfg("", tiny_t5)
     s = precompute.precompute(cfg, _inputs(shapes_dir, 2), str(tmp_path), storage="ids", progress=False)
-    first = os.path.join(tmp_path, "latent-000000.tar")
+    first = os.path.join(tmp_path, "shapes-000000.tar")
     mtime = os.stat(first).st_mtime_ns
     again = precompute.precompute(cfg, _inputs(shapes_dir, 2), str(tmp_path), storage="ids", progress=False)
-    assert again["new_samples"] == 0 and os.stat(first).st_mtime_ns == mtime  # finished shards are skipped
+    assert again["last_run"]["new_samples"] == 0 and os.stat(first).st_mtime_ns == mtime  # finished: skipped
     os.remove(first)
     again = precompute.precompute(cfg, _inputs(shapes_dir, 2), str(tmp_path), storage="ids", progress=False)
-    assert again["new_samples"] == 40  # only the missing shard is redone
+    assert again["last_run"]["new_samples"] == 40 and again["samples"] == 80  # only the missing shard is redone
     with pytest.raises(ValueError, match="other settings"):
         precompute.precompute(cfg, _inputs(shapes_dir, 2), str(tmp_path), storage="emb", progress=False)
     enc = FrozenEncoders(cfg, vae=False)
