@@ -8,10 +8,11 @@ costs only its own time; within a stage every part is tried even when another fa
   a  environment: GPU, torch / CUDA / cuDNN / Triton, the SDPA kernel that runs our self-attention
      (GQA) and cross-attention (padding mask) in bf16 (read from the profiler's op names), and every
      torch API the project's source uses that this torch lacks;
-  b  correctness: `python -m train` small-ec on the shapes data with a random T5 made on the spot,
-     20 steps in bf16 (torch engine) with a checkpoint at 10 and 20, resumed for 5 more; 10 steps with
-     train.compile=true (not in a dry run); 10 steps with the DeepSpeed engine (ZeRO-2, torchrun);
-     the megatron-core dispatcher (unpatched on GPU) at EP 1 against the local dispatcher, fwd + bwd;
+  b  correctness: the megatron-core dispatcher (unpatched on GPU) at EP 1 against the local
+     dispatcher, forward + backward; `python -m train` small-ec on the shapes data with a random T5 made
+     on the spot, 20 steps in bf16 (torch engine) with a checkpoint at 10 and 20, resumed for 5 more;
+     10 steps with the DeepSpeed engine (ZeRO-2, torchrun); 10 steps with train.compile=true (not in a
+     dry run);
   c  bench/step.py in bf16: ec-xl-8e vs its dense-eq twin and tc-xl-8e, 128 kept tokens per image,
      text length 120: step time, MFU, EC / dense-eq; bmm vs grouped GEMM; eager vs compiled (with the
      top kernels of the compiled EC step); activation checkpointing on;
@@ -51,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # stage -> (title, seconds on the GPU, seconds in a dry run)
-STAGES = {"a": ("environment", 30, 60), "b": ("correctness", 150, 150), "c": ("train step", 210, 150),
-          "d": ("sampling", 45, 60), "e": ("memory", 45, 60)}
+STAGES = {"a": ("environment", 25, 60), "b": ("correctness", 150, 150), "c": ("train step", 210, 150),
+          "d": ("sampling", 40, 60), "e": ("memory", 55, 60)}
 
 
 def log(msg: str) -> None:
@@ -346,18 +347,17 @@ def megatron_ep1(p: Parts, work: Path, dry: bool) -> None:
 
 def stage_b(dry: bool, work: Path) -> Parts:
     p = Parts("b")
+    p.part("megatron_dispatcher", megatron_ep1, p, work, dry)
     made = p.part("data", make_shapes_and_t5, work, 64 if dry else 512)
-    if made is not None:
+    if made is not None:  # the slowest and least proven part last
         base = train_args(*made, dry)
         steps, more, short = (4, 2, 2) if dry else (20, 5, 10)
-        limit = 60 if dry else 45
-        p.part("torch_engine", torch_engine, p, base, work, steps, more, limit)
+        p.part("torch_engine", torch_engine, p, base, work, steps, more, 60 if dry else 40)
+        p.part("deepspeed_engine", deepspeed_engine, p, base, work, short, 90 if dry else 40)
         if dry:  # on 2 CPU cores compiling the training and sampling graphs takes ~50 s
             p.put(compiled_skipped="dry run (the trainer's compile hook: tests/train/test_app.py)")
         else:
             p.part("compiled", compiled_engine, p, base, work, short, 60)
-        p.part("deepspeed_engine", deepspeed_engine, p, base, work, short, 90 if dry else 45)
-    p.part("megatron_dispatcher", megatron_ep1, p, work, dry)
     keys = [k for k in p.fig if not k.endswith("_s")]
     p.tables.append("| correctness | |\n| --- | --- |\n" + "\n".join(f"| {k} | {p.fig[k]} |" for k in keys))
     return p

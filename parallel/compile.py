@@ -7,11 +7,12 @@ kind share the compiled code; `dynamic=False` keeps every shape static (expert c
 shapes: every expert takes exactly C tokens per group, so X, the slot count, is a constant).
 
 With `fullgraph=True` (the default) a block is one graph, or compilation fails. What traces as one
-graph, forward and backward (checked on CPU by tests/parallel/test_compile.py):
+graph, forward and backward (training checked on CPU by tests/parallel/test_compile.py):
   * dense blocks;
-  * expert choice, token choice (GShard capacity slots) and DiffMoE (batch pool + capacity predictor),
-    in training (the threshold EMA's buffer update included, routing statistics on or off) and in eval
-    with the group modes "tokens", "sample" and "batch", with or without an expert-load meter;
+  * expert choice, token choice (GShard capacity slots) and DiffMoE (batch pool + capacity predictor)
+    in training (the threshold EMA's buffer update included, routing statistics on or off), and in eval
+    with a fixed group mode ("tokens", "sample", "batch"), with or without an expert-load meter
+    (compiled sampling: tests/train/test_sample.py);
   * activation checkpointing applied before compile (the checkpoint is traced into the graph and the
     threshold update runs once per step).
 What breaks the graph (so needs `fullgraph=False`, or stays eager):
@@ -19,9 +20,9 @@ What breaks the graph (so needs `fullgraph=False`, or stays eager):
     the busiest expert (`int(...)`, a host sync) and its shape changes from step to step;
   * the megatron-core dispatcher: it turns the tokens-per-expert counts into Python lists (host sync);
   * DeepSpeed: the engine wraps and hooks the module itself (train.compile is refused there);
-  * a routing pool across ranks (parallel/routing_pool.py) uses in-place c10d collectives, which dynamo
-    remaps to functional ones where it can; the equal-split all-to-all of expert parallelism is the
-    functional, traceable collective.
+  * not checked compiled (several processes): the routing pool across ranks (parallel/routing_pool.py)
+    uses in-place c10d collectives, which dynamo remaps to functional ones where it can; expert
+    parallelism's all-to-all is a functional collective (all_to_all_single_autograd), which it traces.
 Compiling before activation checkpointing would rerun the compiled forward, threshold update included,
 in the recomputation: keep the order of `parallel.parallelize`.
 """
