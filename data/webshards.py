@@ -24,7 +24,7 @@ def web_sample(shard: int, index: int, size: int, seed: int, fault: str | None =
     rng = np.random.default_rng([seed, shard, index])
     image, caption, _ = generate_sample(shard * 10_000 + index, seed, 32)
     up = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.float32)
-    noisy = np.clip(up + rng.normal(0, 8, up.shape), 0, 255).astype(np.uint8)
+    noisy = np.clip(up + rng.normal(0, 6, up.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(noisy).save(buf, format="JPEG", quality=90)
     jpg = buf.getvalue() if fault != "image" else buf.getvalue()[:200] + bytes(rng.integers(0, 256, 200, dtype=np.uint8))

@@ -22,3 +22,15 @@ def test_step_bench_compares_four_models(tmp_path):
         assert saved[key] > 0
     assert abs(fig["ec_vs_dense_eq_ratio"] - fig["ec_step_ms"] / fig["dense_eq_step_ms"]) < 1e-2
     assert saved["torch_version"].startswith("2.13.0")
+
+
+def test_data_scale_bench_reports_jpeg_rates_and_resume_costs(tmp_path):
+    from bench import data_scale
+
+    out = tmp_path / "data_scale.json"
+    fig = data_scale.main(["--jpeg-samples", "32", "--workers", "1", "--resume-shards", "20", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == fig
+    assert fig["jpeg_w1_samples_per_s"] > 0 and fig["jpeg_bytes_per_sample"] > 5000
+    for mode in ("exact", "elastic"):
+        assert all(fig[f"resume_{mode}_{p}pct_bytes_read"] > 0 for p in (10, 50, 90))
+    assert fig["workers_per_gpu"] == -(-fig["xl8e_images_per_s_per_gpu"] // fig["jpeg_w1_per_worker_samples_per_s"])
