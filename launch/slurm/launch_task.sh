@@ -4,6 +4,7 @@
 # `--ntasks-per-node=2` puts two of them on one machine. Static rendezvous on MASTER_ADDR:MASTER_PORT;
 # node rank = SLURM_PROCID, nodes = SLURM_NTASKS.
 #   LAUNCHER=torchrun (default): python -m torch.distributed.run ... -m train OVERRIDES
+#                                (-m $MODULE ARGS with MODULE set: precompute.sbatch runs data.precompute)
 #   LAUNCHER=deepspeed:          the deepspeed launcher without ssh (--no_ssh, one per task) over a
 #                                generated hostfile of SLURM_NTASKS entries, running train/__main__.py
 # LAUNCH_DRY_RUN=1 prints the command instead of running it.
@@ -23,7 +24,7 @@ case "$launcher" in
   torchrun)
     cmd=("$py" -m torch.distributed.run --nnodes="$SLURM_NTASKS" --node_rank="$SLURM_PROCID"
          --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT"
-         -m train "$@")
+         -m "${MODULE:-train}" "$@")
     ;;
   deepspeed)
     hostfile="${TMPDIR:-/tmp}/ecdit-hostfile-${SLURM_JOB_ID}-${SLURM_PROCID}"
