@@ -8,7 +8,8 @@ in one process, nothing allocated. Per-rank parameter counts are read from the r
 shards. Gradient, optimizer and activation memory and all-to-all traffic are estimates:
 
 * params: sharded fp32 master weights (4 B); grads: sharded fp32 (4 B); optimizer: 2 fp32 states
-  (AdamW: exp_avg, exp_avg_sq; RMSProp with momentum: square_avg, momentum_buffer);
+  (AdamW: exp_avg, exp_avg_sq; RMSProp with momentum: square_avg, momentum_buffer); EMA: the torch
+  engine's fp32 copy of the parameters, sharded like them, when --ema-decay (train.ema_decay) > 0;
 * working set: the largest FSDP unit all-gathered in the compute dtype, twice (prefetch);
 * activations (bf16, flash attention, no scores stored), per token per block: self-attention
   ~(5d + 2*kv_dim), cross-attention ~3d, FFN ~(d + 2F), a MoE FFN ~f_c*(d + 2F) + E, residuals ~4d;
@@ -95,17 +96,19 @@ def alltoall_bytes(cfg: DiTConfig, images: int, tokens: int, ep: int) -> int:
     return int(4 * cfg.num_moe_blocks * slots * cfg.dim * 2 * (ep - 1) / ep)
 
 
-def plan(cfg: DiTConfig, world: int, eps: list[int], images: int, act_ckpt: bool, text_len: int) -> list[dict]:
+def plan(cfg: DiTConfig, world: int, eps: list[int], images: int, act_ckpt: bool, text_len: int,
+         ema: bool = True) -> list[dict]:
     rows = []
     tokens = cfg.kept_tokens
     for ep in eps:
         local, unit = sharded_params(cfg, world, ep, act_ckpt)
         row = {"ep": ep, "world": world, "params_per_rank": local,
                "params_gib": local * 4 / GiB, "grads_gib": local * 4 / GiB, "optim_gib": local * 8 / GiB,
+               "ema_gib": local * 4 / GiB if ema else 0.0,
                "working_gib": 2 * unit * 2 / GiB,
                "activations_gib": activation_bytes(cfg, images, tokens, text_len, act_ckpt) / GiB,
                "alltoall_gib_per_step": alltoall_bytes(cfg, images, tokens, ep) / GiB}
-        row["total_gib"] = sum(row[k] for k in ("params_gib", "grads_gib", "optim_gib", "working_gib",
+        row["total_gib"] = sum(row[k] for k in ("params_gib", "grads_gib", "optim_gib", "ema_gib", "working_gib",
                                                 "activations_gib"))
         rows.append(row)
     return rows
@@ -121,6 +124,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--images-per-gpu", type=int, default=32, help="micro-batch per rank (128 tokens each)")
     p.add_argument("--text-len", type=int, default=120)
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="train.ema_decay (conf/train/paper.yaml's); > 0 adds the EMA copy of the parameters")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to compare with")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
@@ -128,23 +133,25 @@ def main(argv=None) -> list[dict]:
         cfg = get_preset(args.preset)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
+    if not 0 <= args.ema_decay < 1:
+        raise SystemExit(f"error: --ema-decay={args.ema_decay} must be in [0, 1)")
     world = args.nodes * args.gpus_per_node
     eps = args.ep or ([e for e in (8, 16, 64) if cfg.moe and cfg.moe.num_experts % e == 0] or [1])
     try:
-        rows = plan(cfg, world, eps, args.images_per_gpu, args.act_ckpt, args.text_len)
+        rows = plan(cfg, world, eps, args.images_per_gpu, args.act_ckpt, args.text_len, args.ema_decay > 0)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(f"{args.preset}: {world} ranks ({args.nodes} x {args.gpus_per_node}), {args.images_per_gpu} images x "
           f"{cfg.kept_tokens} tokens per rank, activation checkpointing {'on' if args.act_ckpt else 'off'}")
-    hdr = (f"{'EP':>4} {'params/rank':>12} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} "
+    hdr = (f"{'EP':>4} {'params/rank':>12} {'params':>7} {'grads':>7} {'optim':>7} {'ema':>7} {'working':>8} "
            f"{'activ.':>7} {'total':>7} {'fits':>5} {'a2a/step':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         fits = "yes" if r["total_gib"] <= args.gpu_gib else "NO"
         print(f"{r['ep']:>4} {r['params_per_rank'] / 1e9:>11.3f}B {r['params_gib']:>6.1f}G {r['grads_gib']:>6.1f}G "
-              f"{r['optim_gib']:>6.1f}G {r['working_gib']:>7.1f}G {r['activations_gib']:>6.1f}G "
+              f"{r['optim_gib']:>6.1f}G {r['ema_gib']:>6.1f}G {r['working_gib']:>7.1f}G {r['activations_gib']:>6.1f}G "
               f"{r['total_gib']:>6.1f}G {fits:>5} {r['alltoall_gib_per_step']:>8.2f}G")
-    print("(GiB per rank; params/grads/optimizer in fp32, sharded; working = two all-gathered blocks in bf16; "
+    print("(GiB per rank; params/grads/optimizer/EMA in fp32, sharded; working = two all-gathered blocks in bf16; "
           "activations and all-to-all are estimates, see --help)")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,3 +40,12 @@ def test_plan_rejects_an_ep_that_does_not_divide_the_experts():
                            "--gpus-per-node", "8", "--ep", "16"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "model.moe.num_experts=8 must be divisible by parallel.ep=16" in proc.stderr
+
+
+
+def test_plan_counts_the_ema_copy_like_the_parameters():
+    from launch.plan import plan
+    from model.config import get_preset
+    with_ema, without = (plan(get_preset("ec-xl-8e"), 8, [8], 32, False, 120, ema=ema)[0] for ema in (True, False))
+    assert without["ema_gib"] == 0 and with_ema["ema_gib"] == with_ema["params_gib"] > 0  # fp32, sharded
+    assert with_ema["total_gib"] - without["total_gib"] == pytest.approx(with_ema["params_gib"])
