@@ -42,25 +42,19 @@ import torch
 from data.config import DataConfig, data_shapes, text_dim
 from data.encoders import load_text_encoder, load_vae
 from data.manifest import write_manifest
-from data.shards import BadSample, check_bad_fraction, decode_image_sample, expand_shards
+from data.shards import BadSample, _shard_samples, _Tally, check_bad_fraction, decode_image_sample, expand_shards
 
 LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _read_shard(url: str, cfg: DataConfig, bad: dict):
-    """Decoded image samples of one shard in file order; bad ones counted in `bad` and skipped."""
-    import webdataset as wds
-
-    def on_error(exn):
-        bad["tar"] = bad.get("tar", 0) + 1
-        print(f"warning: {url}: {type(exn).__name__}: {exn}", file=sys.stderr)
-        return True
-
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=on_error)):
+def _read_shard(url: str, cfg: DataConfig, tally: _Tally):
+    """Decoded image samples of one shard in file order, with the loader's rules for bad data: bad samples
+    and broken tars (also cut inside a header) are counted in `tally` per reason and skipped."""
+    for raw in _shard_samples(url, tally, 0):
         try:
             yield decode_image_sample(raw, cfg), raw.get("json")
         except BadSample as e:
-            bad[e.reason] = bad.get(e.reason, 0) + 1
+            tally.add_bad(e.reason, f"{raw.get('__key__')}: {e}")
 
 
 def encode_batch(samples: list[dict], text, vae, storage: str, latent_dtype: torch.dtype) -> list[dict]:
@@ -176,7 +170,7 @@ def encode_shard(url: str, path: str, cfg: DataConfig, text, vae, storage: str, 
     import safetensors.torch
     import webdataset as wds
 
-    bad, n, tokens, t0, pending = {}, 0, 0, time.time(), []
+    tally, n, tokens, t0, pending = _Tally(f" ({url})"), 0, 0, time.time(), []
     with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:
         def flush():
             nonlocal n, tokens
@@ -192,13 +186,13 @@ def encode_shard(url: str, path: str, cfg: DataConfig, text, vae, storage: str, 
                 on_batch(len(pending))
             pending.clear()
 
-        for item in _read_shard(url, cfg, bad):
+        for item in _read_shard(url, cfg, tally):
             pending.append(item)
             if len(pending) == cfg.batch_size:
                 flush()
         if pending:
             flush()
-    return dict(input=url, samples=n, bad=bad, text_tokens=tokens, seconds=round(time.time() - t0, 3))
+    return dict(input=url, samples=n, bad=dict(tally.bad), text_tokens=tokens, seconds=round(time.time() - t0, 3))
 
 
 def _publish(out: str, name: str, stats: dict) -> None:
@@ -327,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     p.add_argument("--encoder-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 on a bf16-capable GPU (a VAE with force_upcast stays fp32)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05)
+    p.add_argument("--max-bad-fraction", type=float, default=DataConfig.max_bad_fraction,
+                   help="stop when more of a process's samples than this are bad (judged after "
+                   f"{DataConfig.min_samples_for_bad_check} samples)")
     p.add_argument("--overwrite", action="store_true", help="re-encode shards that already exist")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
         cfg = DataConfig(shards=a.input, text_encoder=a.text_encoder, text_encoder_path=a.text_encoder_path,
                          max_text_len=a.max_text_len, vae=a.vae, vae_path=a.vae_path, image_size=a.image_size,
-                         batch_size=a.batch_size, encoder_dtype=a.encoder_dtype, max_bad_fraction=a.max_bad_fraction,
-                         min_samples_for_bad_check=0)
+                         batch_size=a.batch_size, encoder_dtype=a.encoder_dtype, max_bad_fraction=a.max_bad_fraction)
         inputs = expand_shards(a.input)
         missing = [u for u in inputs if not u.startswith(("pipe:", "http:", "https:")) and not os.path.isfile(u)]
         if missing:

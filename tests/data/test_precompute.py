@@ -100,3 +100,20 @@ def test_cli_help_and_one_line_errors(shapes_dir, tmp_path, capsys):
         precompute.main(["--input", shapes_dir["pattern"], "--output", str(tmp_path / "o"), "--vae", "kl"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "vae_path" in err
+
+
+def test_bad_inputs_are_counted_in_the_manifest(shapes_dir, tiny_t5, tmp_path):
+    import tarfile
+
+    src = _inputs(shapes_dir, 2)
+    with wds.TarWriter(str(tmp_path / "bad-0.tar"), encoder=False) as w:
+        for raw in wds.DataPipeline(wds.SimpleShardList(src[:1]), wds.tarfile_to_samples()):
+            w.write({k: v for k, v in raw.items() if k in ("__key__", "png", "txt")})
+        w.write({"__key__": "garbage", "png": b"not a png", "txt": b"a circle"})
+    with tarfile.open(src[1]) as t:
+        cut = t.getmembers()[-1].offset + 100  # inside the last member's header
+    (tmp_path / "cut-1.tar").write_bytes(open(src[1], "rb").read()[:cut])
+    inputs = [str(tmp_path / "bad-0.tar"), str(tmp_path / "cut-1.tar")]
+    s = precompute.precompute(_cfg("", tiny_t5), inputs, str(tmp_path / "out"), storage="ids", progress=False)
+    assert (s["samples"], s["bad"]) == (40 + 39, {"image": 1, "tar": 1})
+    assert s["pattern"] == f"{tmp_path}/out/bad-0.tar::{tmp_path}/out/cut-1.tar"
