@@ -159,11 +159,11 @@ def routing_stats(plan_idx_EX: torch.Tensor, valid_EX: torch.Tensor | None, prob
     E = plan_idx_EX.shape[0]
     ones = torch.ones_like(plan_idx_EX, dtype=torch.float32) if valid_EX is None else valid_EX.float()
     tokens_per_expert = ones.sum(1)
-    count_T = torch.zeros(num_tokens, device=plan_idx_EX.device).index_add_(0, plan_idx_EX.reshape(-1), ones.reshape(-1))
+    count_T = ones.new_zeros(num_tokens).index_add_(0, plan_idx_EX.reshape(-1), ones.reshape(-1))
     count_T = count_T.long()
     # A static-shape histogram (bincount's output shape depends on the data: a torch.compile graph break).
     ones_T = torch.ones_like(count_T, dtype=torch.float32)
-    frac = torch.zeros(E + 1, device=count_T.device).index_add_(0, count_T, ones_T) / num_tokens
+    frac = ones_T.new_zeros(E + 1).index_add_(0, count_T, ones_T) / num_tokens
     entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
     return {"tokens_per_expert": tokens_per_expert, "expert_count": count_T,
             "experts_per_token_frac": frac, "router_entropy": entropy}

@@ -96,10 +96,17 @@ def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
         experts.register_parameter(name, nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)))
 
 
+def _scale_grad_of(out: torch.Tensor, scale: float) -> None:
+    if out.requires_grad:
+        out.register_hook(lambda grad: grad * scale)
+
+
 def scale_expert_grads(experts: GroupedExperts, ep: int) -> None:
-    """Hooks that scale the experts' weight gradients by 1/ep and leave token gradients unchanged."""
+    """Hooks that scale the experts' weight gradients by 1/ep and leave token gradients unchanged. The
+    output's gradient is scaled by a tensor hook, not a view, so that FSDP2's pre-backward hook on the
+    module's output stays attached."""
     experts.register_forward_pre_hook(lambda mod, args: (_grad_scale(args[0], float(ep)), *args[1:]))
-    experts.register_forward_hook(lambda mod, args, out: _grad_scale(out, 1.0 / ep))
+    experts.register_forward_hook(lambda mod, args, out: _scale_grad_of(out, 1.0 / ep))
 
 
 def apply_expert_parallel(model: DiT, mesh: DeviceMesh,

@@ -45,6 +45,9 @@ class ParallelConfig:
                                       f"must equal the world size {world_size}")
         if self.ep < 1 or dp_shard % self.ep:
             raise ParallelConfigError(f"{p}.ep={self.ep} must divide {p}.dp_shard={dp_shard}")
+        if self.ep > 1 and not self.fsdp and self.engine == "fsdp":
+            raise ParallelConfigError(f"{p}.ep={self.ep} needs {p}.fsdp=true: without FSDP nothing reduces the dense "
+                                      f"gradients across the expert-parallel ranks (use parallel=fsdp_ep)")
         if self.ep > 1 and num_experts is None:
             raise ParallelConfigError(f"{p}.ep={self.ep} needs a MoE model (model.moe is None)")
         if num_experts is not None and num_experts % self.ep:

@@ -286,3 +286,19 @@ def test_routing_is_batched_not_looped_and_shapes_are_static():
         h, r = rand_inputs(4, 16, torch.float32, seed=seed)  # 64 tokens: 2 groups, C = 8
         _, plan = moe(h, r)
         assert plan.idx_EX.shape == (8, 16) and plan.valid_EX is None
+
+
+def test_routing_stats_under_a_float64_default_dtype():
+    from model.routing import routing_stats
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        plan_EX = torch.tensor([[0, 1, 2], [2, 3, 3]])
+        stats = routing_stats(plan_EX, torch.tensor([[True, True, True], [True, True, False]]),
+                              torch.full((4, 2), 0.5), num_tokens=4)
+    finally:
+        torch.set_default_dtype(old)
+    assert stats["tokens_per_expert"].tolist() == [3.0, 2.0]
+    assert stats["expert_count"].tolist() == [1, 1, 2, 1]
+    assert stats["experts_per_token_frac"].tolist() == [0.0, 0.75, 0.25]

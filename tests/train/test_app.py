@@ -114,6 +114,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
     ("optim.lr=-1", "2", "optim.lr=-1.0 must be > 0"),
     ("optim.lrr=1", "2", "lrr"),
     ("parallel.ep=3", "2", "parallel.ep=3 must divide parallel.dp_shard=2"),
+    ("parallel.fsdp=false", "2", "parallel.ep=2 needs parallel.fsdp=true"),
     ("data.shards='/nonexistent/x-{0..3}.tar'", "2", "data.shards: 4 of 4 shards do not exist (first: /nonexistent/x-0.tar)"),
     (f"data.shards={ROOT / 'conf'}", "2", "is a directory: give the shard files as a brace pattern"),
 ])
