@@ -72,3 +72,16 @@ def test_trains_on_token_id_latents_with_the_text_encoder_online(id_latents, tmp
                           env=_one_rank_env() if engine == "deepspeed" else _env())
     _check(proc, tmp_path / "run", Path(id_latents).parent)
     assert f"engine {engine}" in proc.stdout
+
+
+def test_online_encoders_follow_the_data_and_the_autocast_dtype():
+    import torch
+
+    from data.config import DataConfig
+    from train.trainer import _frozen_encoders
+
+    assert _frozen_encoders(DataConfig(kind="latent", text_storage="emb"), "cpu", use_bf16=True) is None
+    ids = _frozen_encoders(DataConfig(kind="latent", text_storage="ids"), "cpu", use_bf16=True)
+    assert ids.vae is None and ids.text.model.dtype == torch.bfloat16  # the run's autocast dtype
+    pinned = _frozen_encoders(DataConfig(kind="latent", encoder_dtype="fp32"), "cpu", use_bf16=True)
+    assert pinned.text.model.dtype == torch.float32  # text_storage unknown: the text encoder is loaded
