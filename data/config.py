@@ -35,7 +35,7 @@ class DataConfig:
     vae: str = "pixel"  # "pixel" (identity on [-1, 1] images) or "kl" (diffusers AutoencoderKL)
     vae_path: str = ""  # local dir / HF name of the AutoencoderKL (vae="kl")
     encoder_dtype: str = "auto"  # "auto" = bf16 on a bf16-capable GPU, else fp32
-    text_storage: str = ""  # latent shards: "emb" | "ids" (text encoder online); "" = manifest.json's, else ids
+    text_storage: str = ""  # latent shards: "emb" | "ids" (text encoder online); "" = from manifest.json, or online
     # The run stops with one message when, among the samples a rank has read (all its workers, this run
     # and the runs it resumed), more than max_bad_fraction were bad, judged once min_samples_for_bad_check
     # were read. Web crawls carry a few % undecodable images or empty captions: they train, counted
