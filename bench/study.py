@@ -8,9 +8,10 @@ steps on the embedded shapes dataset (the EC-DiT paper's Table 4 and Fig. 4-6, p
 Phases: (1) the shapes data under <out>/shapes (generated if missing; held-out compositions excluded);
 (2) one training run per variant through the Hydra trainer (`python -m train experiment=study_cpu
 model=study-<variant>`; a finished run is resumed, i.e. skipped); (3) evaluation of each final
-checkpoint in every inference mode - group (the paper: G tokens across the batch), per_sample (capacity
-per image) and dynamic (per-expert thresholds; batch-independent): validation loss on fixed data, noise
-and timesteps; the shapes scorer (per category) on fixed held-out and in-distribution prompts and seeds;
+checkpoint (its EMA weights with --weights ema, the default; raw, with a note, for the study_cpu runs,
+which train without EMA) in every inference mode - group (the paper: G tokens across the batch),
+per_sample (capacity per image) and dynamic (per-expert thresholds; batch-independent): validation loss
+on fixed data, noise and timesteps; the shapes scorer (per category) on fixed held-out and in-distribution prompts and seeds;
 expert slots, FLOPs and wall time per image. Writes study.md, study.json and the plots loss.png,
 load.png, heatmap.png and samples.png to <out>.
 """
@@ -36,8 +37,8 @@ from data.synthetic import caption_of, generate_sample, heldout_prompts, trainin
 from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
 from train.evaluate import score_images  # noqa: E402
-from train.sample import (data_config, decode, expert_load, generate_latents, inference_routing, load_model,  # noqa: E402
-                          routing_maps)
+from train.sample import (WEIGHTS, data_config, decode, expert_load, generate_latents, inference_routing,  # noqa: E402
+                          load_model, routing_maps)
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png  # noqa: E402
 
 VARIANTS = ("dense", "ec", "tc", "diffmoe")
@@ -135,13 +136,13 @@ def score(images: torch.Tensor, prompts: list[dict]) -> dict:
 
 
 def evaluate_variant(variant: str, run_dir: Path, args, prompt_sets: dict) -> dict:
-    model, run_cfg, folder = load_model(run_dir / "checkpoints")
+    model, run_cfg, folder, weights = load_model(run_dir / "checkpoints", weights=args.weights, log=log)
     cfg = model.cfg
     dcfg = data_config(run_cfg, cfg)
     text_encoder, vae = load_text_encoder(dcfg), load_vae(dcfg)
     val = validation_batches(text_encoder, vae, args.val_images, 32, seed=1)
     modes = MODES if cfg.moe is not None else {"per_sample": "sample"}  # dense: one mode
-    result = {"checkpoint": str(folder), "model": cfg.name, "modes": {}, "cfg": cfg}
+    result = {"checkpoint": str(folder), "weights": weights, "model": cfg.name, "modes": {}, "cfg": cfg}
     captions = {k: [caption_of(p) for p in v] for k, v in prompt_sets.items()}
     all_captions = captions["heldout"] + captions["train"]
     for name, routing in modes.items():
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=WEIGHTS, default="ema",
+                   help="evaluate the EMA of the parameters (raw, with a note, for runs without one) or the raw ones")
     p.add_argument("--smooth", type=int, default=10, help="moving-average window (logged steps) of the loss curves")
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
     p.add_argument("--wandb-mode", default="disabled", choices=("offline", "online", "disabled"))

@@ -9,6 +9,7 @@ Prompts: --prompt-file (captions one per line, parsed by data.synthetic.parse_ca
 structures), else `heldout_prompts` (--split heldout: every prompt states a (color, shape) pair that the
 shapes dataset never shows) or `training_prompts` (--split train). Sample k of prompt i is generated from
 the noise of index i * samples_per_prompt + k (train.sample.prompt_noise), so every image has its own noise.
+`--weights ema|raw` (default ema) as in train.sample; eval.json records which weights were evaluated.
 
 Writes OUT/eval.json (overall = mean of the per-category accuracies, per_category, n, sample_accuracy, the
 settings, timing, fid, and per sample its caption, correctness and the scorer's reason) and OUT/grid.png
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         prompts, source = default_prompts(args.split, args.num_prompts, args.prompt_seed), SPLITS[args.split]
 
     t0 = time.perf_counter()
-    model, run_cfg, folder = load_model(args.checkpoint, device)
+    model, run_cfg, folder, weights = load_model(args.checkpoint, device, args.weights)
     cfg = model.cfg
     dcfg = data_config(run_cfg, cfg, text_encoder=args.text_encoder, text_encoder_path=args.text_encoder_path,
                        max_text_len=args.max_text_len, vae=args.vae, vae_path=args.vae_path)
@@ -298,7 +299,7 @@ def _run(args: argparse.Namespace) -> int:
     check_compatible(cfg, text_encoder, vae, dcfg)
     load_s = time.perf_counter() - t0
     n = len(prompts) * args.samples_per_prompt
-    print(f"[eval] model {cfg.name} from {folder} ({load_s:.1f}s); {len(prompts)} prompts ({source}) x "
+    print(f"[eval] model {cfg.name} from {folder}, {weights} weights ({load_s:.1f}s); {len(prompts)} prompts ({source}) x "
           f"{args.samples_per_prompt} = {n} images, {args.steps} steps, guidance {args.guidance}, "
           f"routing {args.routing}")
 
@@ -335,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
     results = r.pop("results")
     summary = {k: r[k] for k in ("overall", "per_category", "n", "sample_accuracy", "heldout_accuracy")}
     report = dict(
-        checkpoint=str(folder), model=cfg.name, prompts=source, num_prompts=len(prompts),
+        checkpoint=str(folder), weights=weights, model=cfg.name, prompts=source, num_prompts=len(prompts),
         samples_per_prompt=args.samples_per_prompt, **summary, fid=fid, fid_skipped=fid_skipped,
         fid_backend=fid_backend,
         settings=dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,

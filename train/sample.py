@@ -9,6 +9,12 @@ export folder (model.safetensors + config.json). Writes `000_<slug>.png` per pro
 resolution), `grid.png` (captioned, upscaled) and `samples.json`; `--heatmap` adds `experts.png`
 (per image and MoE layer, how many experts processed each token: the paper's Fig. 6).
 
+Weights: `--weights ema` (the default; the sampler, evaluator, routing study and export all load through
+`load_model`) takes the EMA of the parameters that the torch engine saves with train.ema_decay > 0 and
+falls back to the raw weights, with a printed note, when the checkpoint has none; `--weights raw` takes
+the trained parameters. Buffers, the routers' dynamic-inference thresholds among them, come from the raw
+model state either way (the EMA covers parameters only). samples.json records which weights were used.
+
 Determinism: the noise of prompt i comes from a generator seeded with (seed, i). With the default
 `--routing sample` every image is routed on its own, so an image does not depend on the batch size
 or on the other prompts. `tokens` (fixed groups of --group-size tokens, as in training) and `batch`
@@ -38,7 +44,7 @@ from model.config import INFERENCE_MODES, ConfigError, DiTConfig, config_from_di
 from model.dit import DiT, build_model
 from model.flops import sample_flops_per_image
 from model.flow import cfg_velocity, euler_sample, interpolate
-from train.checkpoint import STEP_PREFIX, Checkpointer, load_exported
+from train.checkpoint import STEP_PREFIX, exported_weights, load_exported, load_weights, saved_ema_names
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
 
 # DataConfig fields the sampler takes from a run's config.json["data"] (encoders only; no shards).
@@ -234,13 +240,37 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
                       f"model.safetensors export")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, dict, Path]:
-    """(model in eval mode, run config dict ({} for an export), resolved folder) for --checkpoint."""
+WEIGHTS = ("ema", "raw")
+
+
+def pick_weights(kind: str, folder: Path, weights: str, log: Callable[[str], None] = print) -> str:
+    """The weights to load for --weights: "ema" when the checkpoint holds them, else "raw" with a printed
+    note; an export holds one set, and asking it for raw weights it does not hold is an error."""
+    if weights not in WEIGHTS:
+        raise SampleError(f"--weights {weights!r} must be one of {WEIGHTS}")
+    held = ({exported_weights(folder)} if kind == "export"
+            else {"raw", "ema"} if saved_ema_names(folder) else {"raw"})
+    if weights in held:
+        return weights
+    if weights == "raw":
+        raise SampleError(f"--weights raw: the export {folder} holds EMA weights only; export the checkpoint "
+                          f"again with --weights raw")
+    log(f"--weights ema: {folder} holds no EMA weights (trained with train.ema_decay=0 or by "
+        f"DeepSpeed); using the raw weights")
+    return "raw"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+               log: Callable[[str], None] = print) -> tuple[DiT, dict, Path, str]:
+    """(model in eval mode, run config dict ({} for an export), resolved folder, weights loaded: "ema" or
+    "raw") for --checkpoint and --weights (see `pick_weights`; buffers such as the routers' thresholds
+    come from the raw model state: `train.checkpoint.load_weights`)."""
     kind, folder = resolve_checkpoint(path)
     if kind == "export":
         if not (folder / "config.json").is_file():
             raise SampleError(f"--checkpoint {folder}: export has model.safetensors but no config.json")
-        return load_exported(folder, device=device).eval(), {}, folder
+        used = pick_weights(kind, folder, weights, log)
+        return load_exported(folder, device=device).eval(), {}, folder, used
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise SampleError(f"--checkpoint {folder} has no config.json (the run config with the model under "
@@ -255,12 +285,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Di
         cfg = config_from_dict(run_cfg[key])
     except (ConfigError, TypeError) as e:
         raise SampleError(f"--checkpoint {folder}: config.json[{key!r}] is not a model config: {e}") from None
+    used = pick_weights(kind, folder, weights, log)
     model = build_model(cfg, device=device)
-    # Single process: a Checkpointer rooted at the step dir itself (nothing to clean there).
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: intended here
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        Checkpointer(folder).load(folder, model)
-    return model.eval(), run_cfg, folder
+        try:
+            load_weights(folder, model, ema=used == "ema")
+        except ValueError as e:
+            raise SampleError(f"--weights ema: {e}") from None
+    return model.eval(), run_cfg, folder, used
 
 
 def data_config(run_cfg: dict, model_cfg: DiTConfig, **overrides):
@@ -320,10 +353,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by the sampler and the evaluator: checkpoint, Euler/CFG settings, MoE routing."""
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --weights (sampler, evaluator, export)."""
     p.add_argument("--checkpoint", required=True,
                    help="a step_* checkpoint dir, a run's checkpoint root (latest step), or a safetensors export folder")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema",
+                   help="the EMA of the parameters or the raw ones; ema falls back to raw, with a note, when the "
+                        "checkpoint has no EMA")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the sampler and the evaluator: checkpoint, Euler/CFG settings, MoE routing."""
+    add_checkpoint_args(p)
     p.add_argument("--steps", type=int, default=20, help="Euler steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule (>1: more steps at high noise)")
@@ -411,12 +452,12 @@ def _run(args: argparse.Namespace) -> int:
         raise SampleError(f"--device {args.device}: CUDA is not available on this machine")
 
     t0 = time.perf_counter()
-    model, run_cfg, folder = load_model(args.checkpoint, device)
+    model, run_cfg, folder, weights = load_model(args.checkpoint, device, args.weights)
     cfg: DiTConfig = model.cfg
     if args.compile:
         from parallel.compile import compile_blocks
         compile_blocks(model)
-    print(f"[sample] model {cfg.name} from {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    print(f"[sample] model {cfg.name} from {folder}, {weights} weights ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params, {cfg.num_moe_blocks} MoE layers) in {time.perf_counter() - t0:.1f}s")
     dcfg = data_config(run_cfg, cfg, text_encoder=args.text_encoder, text_encoder_path=args.text_encoder_path,
                        max_text_len=args.max_text_len, vae=args.vae, vae_path=args.vae_path)
@@ -451,7 +492,7 @@ def _run(args: argparse.Namespace) -> int:
         heat = expert_heatmap_layers(per_layer, len(prompts), cfg.grid, cfg.moe.num_experts, images,
                                      layer_names=moe_layer_names(len(per_layer), cfg.moe_every))
         files.append(save_png(heat, out / "experts.png"))
-    meta = {"checkpoint": str(folder), "model": cfg.name, "steps": args.steps, "guidance": args.guidance,
+    meta = {"checkpoint": str(folder), "weights": weights, "model": cfg.name, "steps": args.steps, "guidance": args.guidance,
             "shift": args.shift, "seed": args.seed, "routing": args.routing, "group_size": args.group_size,
             "dynamic_multiplier": args.dynamic_multiplier, "experts_per_token": load.get("experts_per_token"),
             # per image and Euler step (cond + uncond): with the expert slots computed, and the useful ones

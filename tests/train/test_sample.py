@@ -164,9 +164,9 @@ def _png(path):
 
 def test_load_model_from_both_config_layouts(saved):
     assert resolve_checkpoint(saved / "ckpt") == ("step", saved / "ckpt" / "step_00000002")
-    m1, run1, _ = load_model(saved / "ckpt" / "step_00000001")
-    m2, run2, _ = load_model(saved / "ckpt")
-    ex, run_ex, _ = load_model(saved / "export" / "model.safetensors")
+    m1, run1, _, _ = load_model(saved / "ckpt" / "step_00000001")
+    m2, run2, _, _ = load_model(saved / "ckpt")
+    ex, run_ex, _, _ = load_model(saved / "export" / "model.safetensors")
     assert run_ex == {} and "model_resolved" in run2 and "model_resolved" not in run1
     assert m1.cfg == m2.cfg == ex.cfg and not m2.training
     sd1, sd2, sdx = m1.state_dict(), m2.state_dict(), ex.state_dict()
