@@ -150,9 +150,9 @@ class Finished:
 
     def poll(self) -> int:
         """Read the counts of newly finished shards; returns how many are finished."""
-        listed = set(os.listdir(os.path.join(self.out, STATE_DIR)))
+        counted, shards = set(os.listdir(os.path.join(self.out, STATE_DIR))), set(os.listdir(self.out))
         for name in self.names:
-            if name in self.stats or f"{name}.json" not in listed or not os.path.exists(os.path.join(self.out, name)):
+            if name in self.stats or f"{name}.json" not in counted or name not in shards:
                 continue
             with open(os.path.join(self.out, STATE_DIR, f"{name}.json")) as f:
                 stats = json.load(f)
@@ -217,7 +217,7 @@ def default_device(local_rank: int, device: str = "") -> str:
 
 def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb", latent_dtype: str = "fp32",
                device: str = "", overwrite: bool = False, progress: bool = True, spec: str | None = None,
-               poll_s: float = 0.5) -> dict | None:
+               poll_s: float = 1.0) -> dict | None:
     """Encode this rank's share of `inputs` into `out`; rank 0 then waits for all shards and writes
     manifest.json, whose contents it returns (other ranks: None). `spec` is the --input value (for the
     output pattern); rank and world size come from RANK / WORLD_SIZE."""
