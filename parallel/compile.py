@@ -39,17 +39,18 @@ from model.dit import DiT
 RECOMPILE_LIMIT = 64
 
 
-def compile_module_forward(module: nn.Module, fullgraph: bool = True) -> bool:
+def compile_module_forward(module: nn.Module, fullgraph: bool = True, backend: str = "inductor") -> bool:
     """Replace `module.forward` by its compiled version (once); False if it was already compiled."""
     if getattr(module, "_ecdit_compiled", False):
         return False
-    module.forward = torch.compile(module.forward, fullgraph=fullgraph, dynamic=False)
+    module.forward = torch.compile(module.forward, fullgraph=fullgraph, dynamic=False, backend=backend)
     module._ecdit_compiled = True
     return True
 
 
-def compile_blocks(model: DiT, fullgraph: bool = True) -> int:
+def compile_blocks(model: DiT, fullgraph: bool = True, backend: str = "inductor") -> int:
     """Compile every block of `model` (the checkpoint wrapper, if any, with its block); idempotent.
-    Returns how many blocks were compiled now."""
+    Returns how many blocks were compiled now. `backend="aot_eager"` traces the same graphs (forward and
+    backward) without generating kernels: a fast check that a block is one graph."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return sum(compile_module_forward(blk, fullgraph) for blk in model.blocks)
+    return sum(compile_module_forward(blk, fullgraph, backend) for blk in model.blocks)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.gpu_suite import STAGES, missing_torch_apis, project_torch_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +20,7 @@ def test_every_torch_api_the_project_uses_resolves_here():
     assert missing_torch_apis() == []
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
