@@ -57,11 +57,11 @@ def _read_shard(url: str, cfg: DataConfig, tally: _Tally):
             tally.add_bad(e.reason, f"{raw.get('__key__')}: {e}")
 
 
-def encode_batch(samples: list[dict], text, vae, storage: str, latent_dtype: torch.dtype) -> list[dict]:
-    """Decoded samples -> per-sample tensors to store: latent [C,S,S] and text_emb [L_i,Dt] / text_ids [L_i]."""
-    images = torch.from_numpy(np.stack([s["image"] for s in samples])).float() / 127.5 - 1.0
-    latents = vae.encode(images).to("cpu", latent_dtype)  # [B, C, S, S]
-    ids, mask = text.tokenize([s["caption"] for s in samples])  # [B, L]
+def encode_batch(images_B3HW: torch.Tensor, captions: list[str], text, vae, storage: str,
+                 latent_dtype: torch.dtype) -> list[dict]:
+    """uint8 images + captions -> per-sample tensors to store: latent [C,S,S] and text_emb [L_i,Dt] / text_ids [L_i]."""
+    latents = vae.encode(images_B3HW.float() / 127.5 - 1.0).to("cpu", latent_dtype)  # [B, C, S, S]
+    ids, mask = text.tokenize(captions)  # [B, L]
     lengths = mask.sum(1).tolist()
     if storage == "emb":
         emb = text.encode(ids, mask).to("cpu", torch.bfloat16)  # [B, L, Dt]
@@ -69,6 +69,36 @@ def encode_batch(samples: list[dict], text, vae, storage: str, latent_dtype: tor
     else:
         texts = [dict(text_ids=ids[i, :n].to(torch.int32).contiguous()) for i, n in enumerate(lengths)]
     return [dict(latent=latents[i].contiguous(), **t) for i, t in enumerate(texts)]
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Decoded batches of whole shards for a DataLoader: worker w reads shards w, w + workers, ... of `todo`,
+    each in file order, so a shard's batches are the same with any number of workers. Items: {"name",
+    "images": uint8 [B, 3, H, W], "captions", "keys", "jsons"}, and after a shard's last batch {"name",
+    "end": True, "bad": counts by reason}."""
+
+    def __init__(self, todo: list[tuple[str, str]], cfg: DataConfig):
+        self.todo, self.cfg = todo, cfg
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for url, name in self.todo[worker::workers]:
+            tally, pending = _Tally(f" ({url})"), []
+            for item in _read_shard(url, self.cfg, tally):
+                pending.append(item)
+                if len(pending) == self.cfg.batch_size:
+                    yield self._batch(name, pending)
+                    pending = []
+            if pending:
+                yield self._batch(name, pending)
+            yield dict(name=name, end=True, bad=dict(tally.bad))
+
+    @staticmethod
+    def _batch(name: str, pending: list) -> dict:
+        return dict(name=name, images=torch.from_numpy(np.stack([s["image"] for s, _ in pending])),
+                    captions=[s["caption"] for s, _ in pending], keys=[s["key"] for s, _ in pending],
+                    jsons=[js for _, js in pending])
 
 
 # ----------------------------------------------------------------------------------------- naming and state
@@ -164,35 +194,33 @@ class Finished:
 # ----------------------------------------------------------------------------------------- one shard
 
 
-def encode_shard(url: str, path: str, cfg: DataConfig, text, vae, storage: str, latent_dtype: str,
-                 on_batch=None) -> dict:
-    """Encode input shard `url` into `path`.tmp (the caller publishes it); returns its counts."""
-    import safetensors.torch
-    import webdataset as wds
+class _OpenShard:
+    """An output shard being written to NAME.tar.tmp, with its counts."""
 
-    tally, n, tokens, t0, pending = _Tally(f" ({url})"), 0, 0, time.time(), []
-    with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:
-        def flush():
-            nonlocal n, tokens
-            tensors = encode_batch([p[0] for p in pending], text, vae, storage, LATENT_DTYPES[latent_dtype])
-            for (s, js), t in zip(pending, tensors):
-                rec = {"__key__": s["key"], "safetensors": safetensors.torch.save(t), "txt": s["caption"].encode()}
-                if js is not None:
-                    rec["json"] = js
-                sink.write(rec)
-                tokens += len(t.get("text_emb", t.get("text_ids")))
-            n += len(pending)
-            if on_batch:
-                on_batch(len(pending))
-            pending.clear()
+    def __init__(self, out: str, name: str):
+        import webdataset as wds
 
-        for item in _read_shard(url, cfg, tally):
-            pending.append(item)
-            if len(pending) == cfg.batch_size:
-                flush()
-        if pending:
-            flush()
-    return dict(input=url, samples=n, bad=dict(tally.bad), text_tokens=tokens, seconds=round(time.time() - t0, 3))
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)  # stale: no counts, other settings, or --overwrite
+        self.sink = wds.TarWriter(path + ".tmp", encoder=False, mtime=0)
+        self.samples, self.tokens, self.t0 = 0, 0, time.time()
+
+    def write(self, batch: dict, tensors: list[dict]) -> None:
+        import safetensors.torch
+
+        for key, caption, js, t in zip(batch["keys"], batch["captions"], batch["jsons"], tensors):
+            rec = {"__key__": key, "safetensors": safetensors.torch.save(t), "txt": caption.encode()}
+            if js is not None:
+                rec["json"] = js
+            self.sink.write(rec)
+            self.tokens += len(t.get("text_emb", t.get("text_ids")))
+        self.samples += len(tensors)
+
+    def close(self, url: str, bad: dict) -> dict:
+        self.sink.close()
+        return dict(input=url, samples=self.samples, bad=bad, text_tokens=self.tokens,
+                    seconds=round(time.time() - self.t0, 3))
 
 
 def _publish(out: str, name: str, stats: dict) -> None:
@@ -217,10 +245,11 @@ def default_device(local_rank: int, device: str = "") -> str:
 
 def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb", latent_dtype: str = "fp32",
                device: str = "", overwrite: bool = False, progress: bool = True, spec: str | None = None,
-               poll_s: float = 1.0) -> dict | None:
+               workers: int = 0, poll_s: float = 1.0) -> dict | None:
     """Encode this rank's share of `inputs` into `out`; rank 0 then waits for all shards and writes
     manifest.json, whose contents it returns (other ranks: None). `spec` is the --input value (for the
-    output pattern); rank and world size come from RANK / WORLD_SIZE."""
+    output pattern); `workers` DataLoader workers per rank decode (one shard each at a time); rank and world
+    size come from RANK / WORLD_SIZE."""
     from tqdm import tqdm
 
     rank, world, local_rank = _dist_env()
@@ -234,24 +263,10 @@ def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb
     todo = [(u, n) for i, (u, n) in enumerate(zip(inputs, names)) if i % world == rank and n not in done_at_start]
     bar = tqdm(total=len(names), initial=len(done_at_start), unit="shard", desc=f"precompute ({world} proc)",
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
-    t0, encoded, bad = time.time(), 0, Counter()
+    t0 = time.time()
     if todo:
-        device = default_device(local_rank, device)
-        text, vae = load_text_encoder(cfg, device), load_vae(cfg, device)
-
-        def on_batch(k):
-            nonlocal encoded
-            encoded += k
-            bar.set_postfix(rank0_samples_per_s=f"{encoded / (time.time() - t0):.0f}", refresh=False)
-
-        for url, name in todo:
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))  # stale (no counts, other settings, --overwrite)
-            stats = encode_shard(url, os.path.join(out, name), cfg, text, vae, storage, latent_dtype, on_batch)
-            bad.update(stats["bad"])
-            check_bad_fraction(encoded, bad, cfg, f" (rank {rank}, {url})")
-            _publish(out, name, dict(stats, settings=settings, rank=rank, world_size=world))
-            bar.update(finished.poll() - bar.n)
+        _encode(todo, cfg, out, storage, latent_dtype, default_device(local_rank, device), workers,
+                dict(settings=settings, rank=rank, world_size=world), lambda: bar.update(finished.poll() - bar.n))
     if rank != 0:
         return None
     while finished.poll() < len(names):  # the other ranks' shards
@@ -269,6 +284,31 @@ def precompute(cfg: DataConfig, inputs: list[str], out: str, storage: str = "emb
     return manifest
 
 
+def _encode(todo: list[tuple[str, str]], cfg: DataConfig, out: str, storage: str, latent_dtype: str, device: str,
+            workers: int, tags: dict, on_shard) -> None:
+    """Encode the shards `todo` [(url, name)] on `device`, decoded by `workers` DataLoader workers; each
+    output is published when complete."""
+    text, vae = load_text_encoder(cfg, device), load_vae(cfg, device)
+    urls = dict((n, u) for u, n in todo)
+    loader = torch.utils.data.DataLoader(ShardBatches(todo, cfg), batch_size=None, num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    open_shards, good, bad = {}, 0, Counter()
+    for item in loader:
+        name = item["name"]
+        if name not in open_shards:
+            open_shards[name] = _OpenShard(out, name)
+        if not item.get("end"):
+            open_shards[name].write(item, encode_batch(item["images"], item["captions"], text, vae, storage,
+                                           LATENT_DTYPES[latent_dtype]))
+            continue
+        stats = open_shards.pop(name).close(urls[name], item["bad"])
+        good += stats["samples"]
+        bad.update(stats["bad"])
+        check_bad_fraction(good, bad, cfg, f" (rank {tags['rank']}, {urls[name]})")
+        _publish(out, name, dict(stats, **tags))
+        on_shard()
+
+
 def _merge(cfg: DataConfig, finished: Finished, storage: str, latent_dtype: str, pattern: str) -> dict:
     """manifest.json from the counts of every shard."""
     stats = [finished.stats[n] for n in finished.names]
@@ -278,7 +318,6 @@ def _merge(cfg: DataConfig, finished: Finished, storage: str, latent_dtype: str,
     for s in stats:
         bad.update(s["bad"])
     tokens = sum(s["text_tokens"] for s in stats)
-    enc_secs = sum(s["seconds"] for s in stats)
     disk = sum(os.path.getsize(os.path.join(finished.out, n)) for n in finished.names)
     latent_bytes = shapes.latent_channels * shapes.latent_size ** 2 * LATENT_DTYPES[latent_dtype].itemsize
     dim = text_dim(cfg)
@@ -289,8 +328,7 @@ def _merge(cfg: DataConfig, finished: Finished, storage: str, latent_dtype: str,
              text_encoder_path=finished.settings["text_encoder_path"], text_dim=dim, max_text_len=cfg.max_text_len,
              vae=cfg.vae, vae_path=finished.settings["vae_path"], image_size=cfg.image_size,
              mean_text_tokens=mean_len, latent_bytes=latent_bytes,
-             bytes_per_sample=round(disk / samples) if samples else None,
-             samples_per_s_per_process=round(samples / enc_secs, 1) if enc_secs else None)
+             bytes_per_sample=round(disk / samples) if samples else None)
     if mean_len is not None:
         m["bytes_per_sample_emb"] = round(latent_bytes + mean_len * dim * 2)
         m["bytes_per_sample_ids"] = round(latent_bytes + mean_len * 4)
@@ -318,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--latent-dtype", choices=tuple(LATENT_DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers per process that read and decode input shards (0: in the main process)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     p.add_argument("--encoder-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 on a bf16-capable GPU (a VAE with force_upcast stays fp32)")
@@ -336,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ValueError(f"--input: {len(missing)} shard(s) do not exist, first {missing[0]}")
         s = precompute(cfg, inputs, a.output, a.text_storage, a.latent_dtype, a.device, a.overwrite,
-                       not a.no_progress, spec=a.input)
+                       not a.no_progress, spec=a.input, workers=a.workers)
     except (ValueError, OSError, RuntimeError) as e:
         p.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
     if s is not None:
