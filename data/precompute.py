@@ -7,7 +7,8 @@ plus the caption (txt) and the input's json. The output shard of input `.../name
 with the input's samples in order, so the output does not depend on the number of processes.
 
 Distributed and resumable per shard: rank r of W (RANK / WORLD_SIZE, as torchrun or srun set them; no
-process group) encodes input shards r, r + W, ... on its own device (cuda:LOCAL_RANK when there is a GPU).
+process group) encodes input shards r, r + W, ... on its own device (cuda:LOCAL_RANK when there is a GPU);
+--workers DataLoader workers per rank read and decode them (a whole shard each, in file order).
 A shard is written under `name.tar.tmp`, its counts go to `OUT/.precompute/name.tar.json`, then the shard
 is renamed: a killed run leaves no partial shard under a final name, and a rerun skips every shard whose
 output and counts exist (OUT/.precompute/settings.json refuses a rerun with other settings). Rank 0
