@@ -71,14 +71,15 @@ def ds_config(stage: int = 2, micro_batch: int = 1, grad_accum: int = 1, lr: flo
     }
 
 
-def build_engine(model: nn.Module, config: dict):
+def build_engine(model: nn.Module, config: dict, lr_scheduler=None):
     """`deepspeed.initialize` for `model` (weights already initialised, identical on every rank:
     DeepSpeed broadcasts rank 0's anyway). Initialises torch.distributed if needed (gloo on CPU).
 
     Under ZeRO-3 every `MoEFeedForward` becomes a ZeRO-3 "leaf" module (its router and experts are
     gathered together for its forward and backward): the router returns a `RoutingPlan` dataclass,
     which ZeRO-3's module hooks do not look into, so without this the router weight is not re-gathered
-    for backward ("The size of tensor a (0) must match the size of tensor b (D)")."""
+    for backward ("The size of tensor a (0) must match the size of tensor b (D)").
+    `lr_scheduler`: a torch scheduler or a callable optimizer -> scheduler (deepspeed.initialize's)."""
     import deepspeed
 
     if not torch.distributed.is_initialized():
@@ -90,7 +91,8 @@ def build_engine(model: nn.Module, config: dict):
         if any(isinstance(m, MoEFeedForward) for m in model.modules()):
             set_z3_leaf_modules(model, [MoEFeedForward])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad], config=config)
+                                                                          if p.requires_grad], config=config,
+                                           lr_scheduler=lr_scheduler)
     return engine
 
 

@@ -13,6 +13,7 @@ checkpoint directory, so resume works the same way.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,28 @@ import torch.distributed as dist
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
                          saved_train_states)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of both engines (DeepSpeed is handed this scheduler): update k (1, 2, ...) uses
+    lr * k / warmup_steps during the warmup, then lr (constant) or a cosine down to min_lr_ratio * lr at
+    the last step."""
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def last_update_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the last optimizer update used (what both engines log)."""
+    return sched.base_lrs[0] * sched.lr_lambdas[0](max(0, sched.last_epoch - 1))
 
 
 class TorchBackend:
@@ -47,7 +70,7 @@ class TorchBackend:
         return grad_norm
 
     def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
+        return last_update_lr(self.sched)
 
     def latest(self) -> Path | None:
         return self.ckpt.latest()
@@ -69,27 +92,20 @@ class TorchBackend:
 
 def deepspeed_config(cfg, pcfg, precision_bf16: bool) -> dict:
     """Our Hydra config -> DeepSpeed's JSON config (ZeRO stage, micro batch, accumulation, AdamW,
-    clipping, bf16, warmup(-cosine) schedule)."""
+    clipping, bf16). The LR schedule is not in it: DeepSpeedBackend hands DeepSpeed `lr_schedule`."""
     from parallel.deepspeed import ds_config
     o = cfg.optim
     conf = ds_config(stage=pcfg.zero_stage, micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
                      lr=o.lr, bf16=precision_bf16, grad_clip=o.grad_clip or None, weight_decay=o.weight_decay,
                      betas=tuple(o.betas), eps=o.eps)
-    warm = max(1, o.warmup_steps)
-    if o.schedule == "cosine":
-        conf["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.train.steps, "warmup_num_steps": warm, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": o.min_lr_ratio}}
-    else:
-        conf["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": warm, "warmup_type": "linear"}}
     return conf
 
 
 class DeepSpeedBackend:
-    def __init__(self, model, conf: dict, root: Path, keep_last: int):
+    def __init__(self, model, conf: dict, root: Path, keep_last: int, schedule):
+        """`schedule(optimizer) -> LR scheduler`: DeepSpeed steps it after every update and checkpoints it."""
         from parallel.deepspeed import build_engine
-        self.engine = build_engine(model, conf)
+        self.engine = build_engine(model, conf, lr_scheduler=schedule)
         self.net = self.engine
         self.root, self.keep_last = root, keep_last
         self.bf16 = self.engine.bfloat16_enabled()
@@ -116,7 +132,7 @@ class DeepSpeedBackend:
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
-        return self.engine.get_lr()[0]
+        return last_update_lr(self.engine.lr_scheduler)
 
     def latest(self) -> Path | None:
         done = complete_checkpoints(self.root)

@@ -8,7 +8,6 @@ Everything that can be validated is validated before the process group is create
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from parallel.compile import compile_blocks
 from parallel.parallelize import parallelize
 from parallel.routing_pool import install_routing_pool
 
-from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config
+from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config, lr_schedule
 from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng, saved_train_states
 from .config import AppConfig, AppConfigError, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
@@ -51,20 +50,6 @@ def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-
-
-def _schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +192,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         if tc.ema_decay > 0:
             _log0("train.ema_decay is ignored with parallel.engine=deepspeed (no EMA)")
         backend = DeepSpeedBackend(model, deepspeed_config(cfg, pcfg, use_bf16), run_dir / "checkpoints",
-                                   tc.keep_last)
+                                   tc.keep_last, schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps))
         autocast = nullcontext()  # DeepSpeed casts the module itself (bf16 config)
     else:
         opt = _optimizer(model, cfg.optim)
@@ -218,7 +203,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                 _all_reduce_grads(model, world)
             return clip_grad_norm(model, cfg.optim.grad_clip, replicas, sharded)
 
-        backend = TorchBackend(model, opt, _schedule(opt, cfg.optim, tc.steps), ema,
+        backend = TorchBackend(model, opt, lr_schedule(opt, cfg.optim, tc.steps), ema,
                                Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last,
                                             async_save=tc.async_ckpt), step_fn)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
