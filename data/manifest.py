@@ -67,8 +67,8 @@ def _same(mine, theirs) -> bool:
 
 
 def apply_manifest(cfg: DataConfig) -> DataConfig:
-    """`cfg` with the settings of its latent shards' manifest.json; unchanged for image data or without one."""
-    found = read_manifest(cfg) if cfg.kind == "latent" else None
+    """`cfg` with the settings of its latent shards' manifest.json; unchanged without one."""
+    found = read_manifest(cfg)
     if found is None:
         return cfg
     path, manifest = found

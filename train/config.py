@@ -141,7 +141,8 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
     settings of the shards' manifest.json (data/manifest.py) in place."""
     try:
         cfg.data.validate()
-        cfg.data = apply_manifest(cfg.data)  # latent shards: encoder settings from their manifest.json
+        if cfg.data.kind == "latent":
+            cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json
     except ValueError as e:
         raise AppConfigError(str(e)) from e
     mcfg = model_config(cfg.model, cfg.data)

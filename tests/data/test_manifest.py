@@ -27,8 +27,6 @@ def test_settings_come_from_the_manifest(shards, tiny_t5, tiny_vae):
     agreeing = DataConfig(kind="latent", shards=shards, vae="kl", vae_path=tiny_vae, max_text_len=8)
     assert apply_manifest(agreeing) == agreeing.replace(text_storage="ids", text_encoder="t5",
                                                         text_encoder_path=tiny_t5, image_size=64)  # 8: truncation
-    image = DataConfig(kind="image", shards=shards)
-    assert apply_manifest(image) is image
 
 
 def test_a_disagreeing_field_fails_naming_it_and_both_values(shards, tmp_path, tiny_t5, tiny_vae):
