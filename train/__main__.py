@@ -47,9 +47,15 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _app(cfg) -> None:
+        from omegaconf.errors import OmegaConfBaseException
+
         from train.config import AppConfig
         from train.trainer import StopTraining, run
-        app: AppConfig = OmegaConf.to_object(cfg)
+        try:
+            app: AppConfig = OmegaConf.to_object(cfg)  # runs the dataclasses' own checks (e.g. DataConfig)
+        except (ValueError, OmegaConfBaseException) as e:
+            print(f"error: {_first_line(e)}", file=sys.stderr)
+            sys.exit(2)
         try:
             summary = run(app)
         except (AppConfigError, StopTraining) as e:
@@ -59,6 +65,12 @@ def main() -> None:
             _print_summary(summary, sys.argv[1:])
 
     _app()
+
+
+def _first_line(e: Exception) -> str:
+    """The message of a config error without OmegaConf's trailing context lines (full_key, object_type)."""
+    cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+    return str(cause).strip().splitlines()[0]
 
 
 def _print_summary(s: dict, overrides: list[str]) -> None:

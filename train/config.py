@@ -120,7 +120,10 @@ class AppConfigError(ValueError):
 
 def model_config(mcfg: ModelCfg, dcfg: DataConfig) -> DiTConfig:
     """The network's config: the preset, the overrides, and the latent/text shapes of the data."""
-    shapes = data_shapes(dcfg)
+    try:
+        shapes = data_shapes(dcfg)
+    except ValueError as e:
+        raise AppConfigError(str(e)) from e
     top = {k: getattr(mcfg, k) for k in ("depth", "dim", "heads", "kv_heads", "mask_ratio")
            if getattr(mcfg, k) is not None}
     moe = {k: getattr(mcfg, k) for k in MOE_FIELDS if getattr(mcfg, k) is not None}

@@ -76,7 +76,7 @@ def test_pixel_vae_is_exact_and_frozen_encoders_transform(tiny_t5):
 
 def test_default_shapes_are_the_embedded_set(tiny_vae):
     assert data_shapes() == DataShapes(latent_channels=3, latent_size=32, text_dim=384, max_text_len=32)
-    with pytest.raises(ValueError, match="DataConfig.image_size"):
+    with pytest.raises(ValueError, match="data.image_size=30"):
         data_shapes(DataConfig(vae="kl", vae_path=tiny_vae, image_size=30))  # not divisible by the 4x downsampling
 
 
@@ -119,3 +119,21 @@ def test_kl_vae_force_upcast_keeps_fp32_in_a_bf16_run(tmp_path, force_upcast, dt
     assert vae.dtype == dtype and {p.dtype for p in vae.model.parameters()} == {dtype}
     z_BCHW = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
     assert z_BCHW.dtype == torch.float32 and vae.decode(z_BCHW).shape == (1, 3, 32, 32)
+
+
+def test_encoder_paths_that_cannot_load_name_the_field(tmp_path, tiny_vae):
+    import shutil
+
+    from data.config import data_shapes, text_dim
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_vae, pipeline / "vae")
+    with pytest.raises(ValueError, match=r"data.vae_path='.*pipeline' is a diffusers pipeline: give its VAE, "
+                                         r"data.vae_path='.*pipeline/vae'"):
+        data_shapes(DataConfig(vae="kl", vae_path=str(pipeline)))
+    with pytest.raises(ValueError, match=r"data.vae_path='.*empty' has no config.json"):
+        (tmp_path / "empty").mkdir()
+        data_shapes(DataConfig(vae="kl", vae_path=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match=r"data.text_encoder_path='no-such/model' has no config.json and cannot be "
+                                         r"fetched"):
+        text_dim(DataConfig(text_encoder="t5", text_encoder_path="no-such/model"))

@@ -37,7 +37,7 @@ def test_config_errors_name_the_field():
     for kw, name in ((dict(batch_size=0), "batch_size"), (dict(kind="video"), "kind"), (dict(vae="kl"), "vae_path"),
                      (dict(text_encoder="t5"), "text_encoder_path"), (dict(max_bad_fraction=2.0), "max_bad_fraction"),
                      (dict(epochs=0), "epochs")):
-        with pytest.raises(ValueError, match=f"DataConfig.{name}"):
+        with pytest.raises(ValueError, match=f"data.{name}="):
             DataConfig(**kw)
 
 

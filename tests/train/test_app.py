@@ -115,15 +115,19 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
     ("optim.lrr=1", "2", "lrr"),
     ("parallel.ep=3", "2", "parallel.ep=3 must divide parallel.dp_shard=2"),
     ("parallel.fsdp=false", "2", "parallel.ep=2 needs parallel.fsdp=true"),
+    ("data.batch_size=0", "2", "error: data.batch_size=0 must be a positive integer"),
+    ("data.text_encoder=t5 data.text_encoder_path=google/t5-v1_1-xxl", "2",
+     "error: data.text_encoder_path='google/t5-v1_1-xxl' has no config.json and cannot be fetched (HF_HUB_OFFLINE=1)"),
     ("data.shards='/nonexistent/x-{0..3}.tar'", "2", "data.shards: 4 of 4 shards do not exist (first: /nonexistent/x-0.tar)"),
     (f"data.shards={ROOT / 'conf'}", "2", "is a directory: give the shard files as a brace pattern"),
 ])
 def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message):
     # WORLD_SIZE as a launcher would set it; validation happens before any process group exists.
-    proc = train(["parallel=fsdp_ep", override, f"train.run_dir={tmp_path}/run"],
+    proc = train(["parallel=fsdp_ep", *override.split(), f"train.run_dir={tmp_path}/run"],
                  env=_env(WORLD_SIZE=world, RANK="0"), timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
