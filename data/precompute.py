@@ -167,7 +167,8 @@ def _check_settings(out: str, settings: dict, overwrite: bool) -> None:
         with open(path) as f:
             old = json.load(f)
         if old != settings:
-            raise ValueError(f"--output {out} holds shards made with other settings {old}; use --overwrite or another dir")
+            raise ValueError(f"--output {out} holds shards made with other settings {old}; use --overwrite or "
+                             "another dir")
         return
     _write_json(path, settings)
 
@@ -324,7 +325,8 @@ def _merge(cfg: DataConfig, finished: Finished, storage: str, latent_dtype: str,
     dim = text_dim(cfg)
     mean_len = tokens / samples if samples else None
     m = dict(format=1, settings=finished.settings, shards=len(stats), pattern=pattern, samples=samples,
-             bad=dict(sorted(bad.items())), latent_shape=[shapes.latent_channels, shapes.latent_size, shapes.latent_size],
+             bad=dict(sorted(bad.items())),
+             latent_shape=[shapes.latent_channels, shapes.latent_size, shapes.latent_size],
              latent_dtype=latent_dtype, text_storage=storage, text_encoder=cfg.text_encoder,
              text_encoder_path=finished.settings["text_encoder_path"], text_dim=dim, max_text_len=cfg.max_text_len,
              vae=cfg.vae, vae_path=finished.settings["vae_path"], image_size=cfg.image_size,

@@ -34,7 +34,8 @@ def test_a_disagreeing_field_fails_naming_it_and_both_values(shards, tmp_path, t
     with pytest.raises(ManifestMismatch) as e:
         apply_manifest(DataConfig(kind="latent", shards=shards, vae="kl", vae_path="other/vae"))
     assert str(e.value) == f"data.vae_path='other/vae' disagrees with manifest.json vae_path {tiny_vae!r} ({manifest})"
-    with pytest.raises(ManifestMismatch, match=r"^data.text_storage='emb' disagrees with manifest.json text_storage 'ids'"):
+    with pytest.raises(ManifestMismatch, match=r"^data.text_storage='emb' disagrees with manifest.json "
+                                               r"text_storage 'ids'"):
         apply_manifest(DataConfig(kind="latent", shards=shards, text_storage="emb"))
     write_manifest(str(tmp_path), _manifest(tiny_t5, tiny_vae, latent_shape=[8, 8, 8]))
     with pytest.raises(ManifestMismatch, match=r"gives latents \[8, 16, 16\] at data.image_size=64, but manifest.json "

@@ -1,5 +1,6 @@
-"""launch/slurm/precompute.sbatch under a real slurm (one node on localhost, CPU, 2 processes): the warning
-signal requeues the job mid-run, and the requeued job keeps the finished shards and encodes the rest."""
+"""launch/slurm/precompute.sbatch under a real slurm (one node on localhost, CPU): two tasks of one process,
+the shape of a two-node job; the warning signal requeues the job mid-run, and the requeued job keeps the
+finished shards and encodes the rest."""
 
 import json
 import os
@@ -26,9 +27,9 @@ def test_requeued_precompute_keeps_finished_shards_and_completes(slurm, tmp_path
     inputs = f"{shard[0]}::{shard[1]}::pipe:test -e {go} || sleep 60; cat {shard[2]}"
     out = tmp_path / "latents"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
-    env.update(SLURM_CONF=slurm["SLURM_CONF"], NPROC_PER_NODE="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={tmp_path}/slurm-%j.out", "launch/slurm/precompute.sbatch", "--input", inputs,
+    env.update(SLURM_CONF=slurm["SLURM_CONF"], NPROC_PER_NODE="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+                           "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out", "launch/slurm/precompute.sbatch", "--input", inputs,
                            "--output", str(out), "--text-storage", "ids", "--max-text-len", "16", "--batch-size", "16"],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     job_id = proc.stdout.strip().split(";")[0]
@@ -42,7 +43,8 @@ def test_requeued_precompute_keeps_finished_shards_and_completes(slurm, tmp_path
     info = wait_done(slurm, job_id, log, timeout=180)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
-    assert f"[slurm] SIGUSR1: requeueing job {job_id}" in text and f"job {job_id} restart 1: 1 task(s) x 2 processes" in text
+    assert f"[slurm] SIGUSR1: requeueing job {job_id}" in text
+    assert f"job {job_id} restart 1: 2 task(s) x 1 processes" in text
     assert [p.stat().st_mtime_ns for p in done] == stamps  # the requeued job kept them
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 48 and manifest["last_run"] == {**manifest["last_run"], "world_size": 2,
