@@ -55,6 +55,12 @@ def test_validate_app_refuses_a_mismatch_before_anything_is_built(shards):
     assert cfg.data.text_storage == "ids" and (mcfg.in_channels, mcfg.input_size, mcfg.text_dim) == (8, 16, 64)
 
 
+def test_encoders_this_machine_lacks_fail_in_one_line(tmp_path, tiny_t5):
+    write_manifest(str(tmp_path), _manifest(tiny_t5, str(tmp_path / "gone")))
+    with pytest.raises(ValueError, match=f"^data.vae_path='{tmp_path}/gone' "):
+        apply_manifest(DataConfig(kind="latent", shards=str(tmp_path / "l-0.tar")))
+
+
 def test_without_a_manifest_the_config_is_unchanged(tmp_path):
     for shards in (str(tmp_path / "l-{0..3}.tar"), "pipe:cat /nowhere/l-{0..3}.tar", ""):
         cfg = DataConfig(kind="latent", shards=shards)
