@@ -505,8 +505,12 @@ def make_latent_loader(cfg: DataConfig, rank: int | None = None, world_size: int
     """Precomputed latent shards -> batches {"latent": float [B,C,S,S], "text_emb": [B,L,Dt] (stored dtype,
     padded with zeros) or "text_ids": long [B,L], "text_mask": bool [B,L], "caption", "key", "meta"}.
 
-    Latents of the wrong shape (for cfg's VAE and image size) are skipped and counted as "latent".
+    Latents of the wrong shape (for cfg's VAE and image size) are skipped and counted as "latent". The
+    encoder settings come from the shards' manifest.json when there is one (data/manifest.py).
     """
+    from data.manifest import apply_manifest
+
+    cfg = apply_manifest(cfg)
     shapes = data_shapes(cfg)
     css = (shapes.latent_channels, shapes.latent_size, shapes.latent_size)
     decode = partial(decode_latent_sample, cfg=cfg, expect_CSS=css,

@@ -34,7 +34,7 @@ free_port() {
 write_conf() {
   local host cpus mem_mb
   host="$(hostname -s)"
-  cpus="$(nproc)"
+  cpus="$(nproc --all)"  # not nproc: it obeys OMP_NUM_THREADS
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
   mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/run"
   cat >"$conf" <<EOF
