@@ -1,9 +1,11 @@
-"""FSDP2 (`fully_shard`) for the DiT: one unit per block, experts as their own unit on the
-expert-data-parallel dims, the root last. Optional activation checkpointing per block."""
+"""Data parallelism for the DiT: FSDP2 (`fully_shard`: one unit per block, experts as their own unit on
+the expert-data-parallel dims, the root last) or plain replicas (`replicate`, DDP). Optional activation
+checkpointing per block."""
 
 from __future__ import annotations
 
 import torch
+from torch.distributed._composable import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -42,4 +44,15 @@ def apply_fsdp(model: DiT, mesh: DeviceMesh, cfg: ParallelConfig) -> DiT:
             fully_shard(experts, mesh=_expert_mesh(mesh, cfg), **kw)
         fully_shard(blk, mesh=_dense_mesh(mesh, cfg), **kw)
     fully_shard(model, mesh=_dense_mesh(mesh, cfg), **kw)
+    return model
+
+
+def apply_ddp(model: DiT, mesh: DeviceMesh) -> DiT:
+    """Replicas over the "dp" ranks whose gradients DDP averages in buckets during backward. Buffers are
+    not broadcast: the routers' threshold EMAs stay equal through their RankPool (parallel/routing_pool.py).
+    Unused parameters are looked for, since some are unused in a whole run (the null text when
+    flow.text_drop_prob=0). Initialised lazily at the first forward, so it applies to a meta-device model
+    before `to_empty` / `init_weights`; DDP then broadcasts rank 0's weights."""
+    replicate(model, process_group=mesh["dp"].get_group(), forward_sync_buffers=False,
+              find_unused_parameters=True)
     return model

@@ -1,4 +1,5 @@
-"""Apply all parallelism to a DiT from outside: expert parallelism, activation checkpointing, FSDP2.
+"""Apply all parallelism to a DiT from outside: expert parallelism, activation checkpointing, FSDP2 or
+plain data parallelism (DDP).
 
 Typical use (works for a 97B model: nothing is allocated before `to_empty`):
 
@@ -19,7 +20,7 @@ from model.dit import DiT
 
 from .compile import compile_blocks
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
-from .fsdp import apply_activation_checkpointing, apply_fsdp
+from .fsdp import apply_activation_checkpointing, apply_ddp, apply_fsdp
 from .mesh import ParallelConfig
 
 
@@ -41,4 +42,6 @@ def parallelize(model: DiT, mesh: DeviceMesh, cfg: ParallelConfig, torch_compile
         compile_blocks(model)
     if cfg.fsdp:
         apply_fsdp(model, mesh, cfg)
+    elif mesh["dp"].size() > 1:
+        apply_ddp(model, mesh)
     return model

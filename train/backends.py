@@ -48,9 +48,9 @@ def last_update_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
 
 
 class TorchBackend:
-    def __init__(self, model, opt, sched, ema: dict | None, ckpt: Checkpointer, step_fn):
+    def __init__(self, model, opt, sched, ema: dict | None, ckpt: Checkpointer, clip):
         self.net, self.opt, self.sched, self.ema, self.ckpt = model, opt, sched, ema, ckpt
-        self._step_fn = step_fn  # (all-reduce if plain replicas) + clip; returns the grad norm
+        self._clip = clip  # () -> the global gradient norm (a tensor), gradients clipped
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -59,15 +59,17 @@ class TorchBackend:
         (loss / accum).backward()
         return True
 
-    def apply(self, ema_decay: float) -> float:
-        grad_norm = self._step_fn()
+    def clip_grads(self) -> torch.Tensor:
+        """Clip the accumulated (data-parallel reduced) gradients; their global norm, not read."""
+        return self._clip()
+
+    def apply(self, ema_decay: float) -> None:
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in self.net.named_parameters():
                     self.ema[n].lerp_(p.detach(), 1 - ema_decay)
-        return grad_norm
 
     def lr(self) -> float:
         return last_update_lr(self.sched)
@@ -127,9 +129,13 @@ class DeepSpeedBackend:
         self.engine.step()
         return True
 
-    def apply(self, ema_decay: float) -> float:
+    def clip_grads(self) -> torch.Tensor:
+        """The global gradient norm of the last update (DeepSpeed clipped inside its step)."""
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+    def apply(self, ema_decay: float) -> None:
+        pass  # DeepSpeed stepped at its accumulation boundary (micro_step)
 
     def lr(self) -> float:
         return last_update_lr(self.engine.lr_scheduler)

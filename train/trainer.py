@@ -52,34 +52,38 @@ def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                                weight_decay=cfg.weight_decay)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 @torch.no_grad()
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, replicas: int, distributed: bool) -> float:
-    """Global gradient norm over all shards, clipped to `max_norm`. FSDP2/EP shards are disjoint across
-    ranks, so the squared norms of the local shards sum to the global one (divided by the number of
-    replicas of each shard, `replicas` = dp_replicate, or the world size without FSDP)."""
-    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-    if distributed:
-        dist.all_reduce(sq)
-        sq = sq / replicas
-    norm = sq.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
-    return norm
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of `params` to a global L2 norm of `max_norm` (0: only measure); returns that
+    norm as a tensor (not read here), equal on every rank and to the one-process norm.
 
-
-@torch.no_grad()
-def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
-    """Plain data parallelism (no FSDP): average the replicas' gradients."""
-    for p in model.parameters():
+    DTensor gradients (FSDP2, expert parallelism) are grouped by device mesh, since one norm cannot mix
+    meshes: dense weights live on the data-parallel mesh, expert weights on ("dp_shard_mod_ep", "ep").
+    `get_total_norm` of a group is a DTensor that `full_tensor()` reduces over its mesh; the groups
+    combine as the root of their squared sum. Plain gradients (one process, or replicas after DDP's
+    all-reduce) are already the same on every rank."""
+    groups: dict = {}
+    for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if max_norm > 0:
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def step_flags(loss_sum: torch.Tensor, stop: bool, world: int) -> torch.Tensor:
+    """[sum of the ranks' losses, ranks with a non-finite loss, ranks asked to stop]: one all-reduce."""
+    flags = torch.stack([loss_sum.detach().float(), (~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop), device=loss_sum.device)])
+    if world > 1:
+        dist.all_reduce(flags)
+    return flags
 
 
 def _threads(cfg) -> int:
@@ -167,7 +171,7 @@ def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
         model.init_weights()
         return model
     model = build_model(mcfg, device=device, seed=tc.seed)  # same weights on every rank
-    if mesh is not None and (pcfg.fsdp or pcfg.ep > 1 or pcfg.activation_checkpointing):
+    if mesh is not None:
         parallelize(model, mesh, pcfg, torch_compile=tc.compile)
     return model
 
@@ -185,8 +189,6 @@ def _frozen_encoders(dcfg, device, use_bf16: bool) -> FrozenEncoders | None:
 def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) -> dict:
     tc, distributed = cfg.train, world > 1
     model = _build(mcfg, pcfg, tc, world, device)
-    sharded = distributed and (pcfg.fsdp or pcfg.ep > 1)
-    replicas = pcfg.dp_replicate if sharded else world
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     if pcfg.engine == "deepspeed":
         if tc.ema_decay > 0:
@@ -197,15 +199,10 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     else:
         opt = _optimizer(model, cfg.optim)
         ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
-
-        def step_fn() -> float:
-            if distributed and not sharded:
-                _all_reduce_grads(model, world)
-            return clip_grad_norm(model, cfg.optim.grad_clip, replicas, sharded)
-
         backend = TorchBackend(model, opt, lr_schedule(opt, cfg.optim, tc.steps), ema,
                                Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last,
-                                            async_save=tc.async_ckpt), step_fn)
+                                            async_save=tc.async_ckpt),
+                               lambda: clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     net = backend.net  # what the loss calls forward on
     encoders = _frozen_encoders(cfg.data, device, use_bf16)
@@ -270,17 +267,13 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                 loss_sum += float("nan")  # DeepSpeed skipped this micro-batch
             loss_sum += out["flow_loss"].float() / tc.grad_accum
             stats = out["out"].moe_stats
-        finite = torch.isfinite(loss_sum).float()
-        loss_avg = loss_sum.detach().clone()
-        stop = torch.tensor(float(signals.received is not None), device=device)
-        if distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            dist.all_reduce(loss_avg)
-            loss_avg /= world
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        flags = step_flags(loss_sum, signals.received is not None, world)
+        grad_norm_t = backend.clip_grads()  # skipped below if a loss was non-finite
+        # The step's one host sync: whether to update and whether to stop are branches every rank takes alike.
+        loss_total, nonfinite, stop, grad_norm = torch.cat([flags, grad_norm_t.reshape(1).to(flags)]).tolist()
         state.step += 1
         state.samples_seen += images_per_step
-        if finite.item() < 1:
+        if nonfinite > 0:
             state.nan_streak += 1
             state.nan_total += 1
             backend.zero_grad()
@@ -290,8 +283,8 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                                    f"{tc.max_nan_steps}); last good checkpoint: {backend.latest()}")
         else:
             state.nan_streak = 0
-            grad_norm = backend.apply(tc.ema_decay)
-            loss_value = loss_avg.item()
+            backend.apply(tc.ema_decay)
+            loss_value = loss_total / world
             first_loss = loss_value if first_loss is None else first_loss
             last_loss = loss_value
             if logging_step:  # (state.step was advanced above)
@@ -301,10 +294,10 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                 data.update(_data_totals(loader, distributed, device))
                 metrics.log(data, state.step)
                 _log0(progress.line(state.step, loss_value, images_per_step, tokens_per_step, flops, peak))
-        if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop.item() > 0:
+        if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop > 0:
             save(state)
             last_saved = state.step
-        if stop.item() > 0:
+        if stop > 0:
             _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
             break
         if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
