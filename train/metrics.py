@@ -28,26 +28,39 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> flo
     return None
 
 
-def moe_scalars(moe_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def moe_scalar_tensors(moe_stats: list[dict[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
     """Per MoE layer: load of every expert (fraction of the layer's slots), fraction of tokens processed
     by 0, 1, ..., E experts, router entropy, realised capacity per expert, token choice's drop rate / aux
-    loss, DiffMoE's predictor accuracy / BCE, the global pool's overflow and the mean expert threshold."""
-    out: dict[str, float] = {}
+    loss, DiffMoE's predictor accuracy / BCE, the global pool's overflow and the mean expert threshold.
+    Their names and one flat float64 tensor of their values, on the stats' device (nothing read)."""
+    names: list[str] = []
+    parts: list[torch.Tensor] = []
+
+    def add(keys: list[str], values: torch.Tensor) -> None:
+        names.extend(keys)
+        parts.append(values.detach().double().reshape(-1))
+
     for i, s in enumerate(moe_stats):
         p = f"moe/layer{i}"
         load = s["tokens_per_expert"].float()
-        for e, v in enumerate((load / load.sum().clamp_min(1)).tolist()):
-            out[f"{p}/load/e{e}"] = v
-        for k, v in enumerate(s["experts_per_token_frac"].tolist()):
-            out[f"{p}/tokens_by_{k}_experts"] = v
-        out[f"{p}/router_entropy"] = float(s["router_entropy"])
-        out[f"{p}/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
-        for e, v in enumerate((load / max(1, s["expert_count"].numel())).tolist()):
-            out[f"{p}/capacity_frac/e{e}"] = v  # tokens the expert processed / tokens of the layer
+        experts = range(load.numel())
+        add([f"{p}/load/e{e}" for e in experts], load / load.sum().clamp_min(1))
+        frac = s["experts_per_token_frac"]
+        add([f"{p}/tokens_by_{k}_experts" for k in range(frac.numel())], frac)
+        add([f"{p}/router_entropy"], torch.as_tensor(s["router_entropy"], device=load.device))
+        add([f"{p}/load_cv"], load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+        # tokens the expert processed / tokens of the layer
+        add([f"{p}/capacity_frac/e{e}" for e in experts], load / max(1, s["expert_count"].numel()))
         for key in ("drop_rate", "aux_loss", "predictor_acc", "predictor_bce", "pool_overflow", "threshold_mean"):
             if key in s:
-                out[f"{p}/{key}"] = float(s[key])
-    return out
+                add([f"{p}/{key}"], torch.as_tensor(s[key], device=load.device))
+    return names, torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def moe_scalars(moe_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """`moe_scalar_tensors` read to the host: {name: value}."""
+    names, values = moe_scalar_tensors(moe_stats)
+    return dict(zip(names, values.tolist()))
 
 
 class Metrics:

@@ -31,7 +31,7 @@ from parallel.routing_pool import install_routing_pool
 from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config, lr_schedule
 from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng, saved_train_states
 from .config import AppConfig, AppConfigError, to_container, validate_app
-from .metrics import Metrics, Progress, device_peak_flops, moe_scalars
+from .metrics import Metrics, Progress, device_peak_flops, moe_scalar_tensors
 from .state import TrainState
 
 
@@ -77,10 +77,13 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-def step_flags(loss_sum: torch.Tensor, stop: bool, world: int) -> torch.Tensor:
-    """[sum of the ranks' losses, ranks with a non-finite loss, ranks asked to stop]: one all-reduce."""
-    flags = torch.stack([loss_sum.detach().float(), (~torch.isfinite(loss_sum)).float(),
-                         torch.tensor(float(stop), device=loss_sum.device)])
+def step_flags(loss_sum: torch.Tensor, stop: bool, counts: torch.Tensor, world: int) -> torch.Tensor:
+    """[sum of the ranks' losses, ranks with a non-finite loss, ranks asked to stop, *sum of `counts`]
+    (float64, so that counts stay exact), summed over the ranks in one all-reduce."""
+    dev = loss_sum.device
+    flags = torch.cat([torch.stack([loss_sum.detach().double(), (~torch.isfinite(loss_sum)).double(),
+                                    torch.tensor(float(stop), dtype=torch.float64, device=dev)]),
+                       counts.to(dev, torch.float64)])
     if world > 1:
         dist.all_reduce(flags)
     return flags
@@ -267,10 +270,15 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
                 loss_sum += float("nan")  # DeepSpeed skipped this micro-batch
             loss_sum += out["flow_loss"].float() / tc.grad_accum
             stats = out["out"].moe_stats
-        flags = step_flags(loss_sum, signals.received is not None, world)
-        grad_norm_t = backend.clip_grads()  # skipped below if a loss was non-finite
-        # The step's one host sync: whether to update and whether to stop are branches every rank takes alike.
-        loss_total, nonfinite, stop, grad_norm = torch.cat([flags, grad_norm_t.reshape(1).to(flags)]).tolist()
+        moe_names, moe_values = moe_scalar_tensors(stats) if logging_step else ([], torch.zeros(0))
+        counts = _data_counts(loader, device) if logging_step else torch.zeros(0)
+        flags = step_flags(loss_sum, signals.received is not None, counts, world)
+        grad_norm_t = backend.clip_grads()  # clipped even if a loss was non-finite: the update is skipped below
+        # The step's one host sync, unavoidable: whether to update and whether to stop are host branches
+        # that every rank must take alike. A logged step's values come with it.
+        values = torch.cat([grad_norm_t.reshape(1).to(flags), flags, moe_values.to(flags)]).tolist()
+        grad_norm, loss_total, nonfinite, stop = values[:4]
+        logged = values[4:]  # data counts, then the MoE scalars
         state.step += 1
         state.samples_seen += images_per_step
         if nonfinite > 0:
@@ -290,8 +298,8 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             if logging_step:  # (state.step was advanced above)
                 data = {"loss": loss_value, "lr": backend.lr(), "grad_norm": grad_norm,
                         "samples_seen": state.samples_seen, "nan_total": state.nan_total}
-                data.update(moe_scalars(stats))
-                data.update(_data_totals(loader, distributed, device))
+                data.update(_data_named(logged[:counts.numel()]))
+                data.update(zip(moe_names, logged[counts.numel():]))
                 metrics.log(data, state.step)
                 _log0(progress.line(state.step, loss_value, images_per_step, tokens_per_step, flops, peak))
         if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop > 0:
@@ -316,15 +324,25 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     return summary
 
 
-def _data_totals(loader, distributed: bool, device: torch.device) -> dict:
-    """Good and bad (by reason) samples read so far by all ranks: {"data/good": n, "data/bad/<reason>": n}."""
+def _data_counts(loader, device: torch.device) -> torch.Tensor:
+    """This rank's good and bad (by reason, BAD_REASONS order) samples read so far."""
     stats = loader.stats()
-    counts = torch.tensor([stats["good"]] + [stats["bad"].get(r, 0) for r in BAD_REASONS], dtype=torch.float64,
-                          device=device)
+    return torch.tensor([stats["good"]] + [stats["bad"].get(r, 0) for r in BAD_REASONS], dtype=torch.float64,
+                        device=device)
+
+
+def _data_named(values: list[float]) -> dict:
+    """All ranks' `_data_counts` as {"data/good": n, "data/bad/<reason>": n}."""
+    values = [int(v) for v in values]
+    return {"data/good": values[0], **{f"data/bad/{r}": v for r, v in zip(BAD_REASONS, values[1:])}}
+
+
+def _data_totals(loader, distributed: bool, device: torch.device) -> dict:
+    """Good and bad (by reason) samples read so far by all ranks."""
+    counts = _data_counts(loader, device)
     if distributed:
         dist.all_reduce(counts)
-    values = [int(v) for v in counts.tolist()]
-    return {"data/good": values[0], **{f"data/bad/{r}": v for r, v in zip(BAD_REASONS, values[1:])}}
+    return _data_named(counts.tolist())
 
 
 def _sample_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:
