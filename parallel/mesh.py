@@ -26,7 +26,7 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: world_size / dp_replicate
     ep: int = 1
     dispatcher: str = "alltoall"  # expert-parallel token dispatcher (see parallel/expert_parallel.py)
-    fsdp: bool = True  # FSDP2 over the data-parallel dims (else plain replicas, grads all-reduced by caller)
+    fsdp: bool = True  # FSDP2 over the data-parallel dims (else plain replicas, DDP: parallel/fsdp.py apply_ddp)
     activation_checkpointing: bool = False  # per block
     param_dtype: str = "fp32"  # "bf16": FSDP2 mixed precision (bf16 params/compute, fp32 reduce) — GPU
     engine: str = "fsdp"  # fsdp (this module's mesh + parallel/parallelize.py) | deepspeed (ZeRO)
