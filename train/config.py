@@ -9,6 +9,7 @@ message names the field.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -169,6 +170,9 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
         (t.ckpt_every >= 1, f"train.ckpt_every={t.ckpt_every} must be >= 1"),
         (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1"),
         (t.max_nan_steps >= 1, f"train.max_nan_steps={t.max_nan_steps} must be >= 1"),
+        (t.resume in ("auto", "none") or os.path.isfile(os.path.join(t.resume, "meta.json")),
+         f"train.resume={t.resume!r} must be auto, none or a complete step_* checkpoint directory (it has no "
+         f"meta.json)"),
         (t.wandb_mode in ("offline", "online", "disabled"),
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
         (pcfg.engine == "fsdp" or pcfg.ep == 1, "parallel.engine=deepspeed supports parallel.ep=1 only"),

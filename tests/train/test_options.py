@@ -157,6 +157,15 @@ def test_resume_from_a_step_dir_not_the_latest(tmp_path, baseline, shapes):
     assert_same(saved(_step(run, 4), tmp_path), saved(_step(baseline, 4), tmp_path))
 
 
+def test_resume_from_a_path_without_a_checkpoint_fails_naming_the_field(tmp_path, baseline, shapes):
+    for path in (tmp_path / "nowhere", baseline / "checkpoints"):  # the root, not a step dir
+        proc = train([*ARGS, shapes, f"train.resume={path}", f"train.run_dir={tmp_path / 'run'}"], timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: train.resume='{path}' must be auto, none or a complete step_* checkpoint directory (it has no "
+            "meta.json)")
+
+
 def test_ema_equals_the_hand_computed_ema(tmp_path, baseline):
     """ema_0 = w_0 (the initial weights), ema_k = decay * ema_{k-1} + (1 - decay) * w_k after update k."""
     ema = initial_weights(baseline)
