@@ -287,6 +287,7 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             backend.zero_grad()
             _log0(f"step {state.step}: non-finite loss, update skipped ({state.nan_streak} in a row)")
             if state.nan_streak >= tc.max_nan_steps:
+                backend.wait()  # publish a pending async checkpoint (every rank stops here together)
                 raise StopTraining(f"{state.nan_streak} non-finite losses in a row (train.max_nan_steps="
                                    f"{tc.max_nan_steps}); last good checkpoint: {backend.latest()}")
         else:

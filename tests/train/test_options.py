@@ -180,14 +180,18 @@ def test_ema_equals_the_hand_computed_ema(tmp_path, baseline):
 
 def test_non_finite_losses_stop_naming_max_nan_steps(tmp_path, shapes):
     """optim.lr=1e30 without clipping: the weights blow up after one update, the next two losses are not
-    finite, and the run stops with one error line, exit code 2."""
-    proc = train([*BASE, shapes, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
-                  "train.max_nan_steps=2", "train.steps=6", f"train.run_dir={tmp_path / 'run'}"])
+    finite, and the run stops with one error line, exit code 2, naming the last checkpoint (step 2, an async
+    save still pending when the stop came)."""
+    run = tmp_path / "run"
+    proc = train([*BASE, shapes, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "train.async_ckpt=true",
+                  "train.max_nan_steps=2", "train.steps=6", f"train.run_dir={run}"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr
-    assert errors[-1].startswith("error: 2 non-finite losses in a row (train.max_nan_steps=2)"), errors[-3:]
+    assert errors[-1] == ("error: 2 non-finite losses in a row (train.max_nan_steps=2); last good checkpoint: "
+                          f"{_step(run, 2)}"), errors[-3:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
     assert sum(line.startswith("error:") for line in errors) == 1
     assert "step 2: non-finite loss, update skipped (1 in a row)" in proc.stdout
     assert "step 3: non-finite loss, update skipped (2 in a row)" in proc.stdout
-    assert list(losses(tmp_path / "run")) == [1]  # only the finite step is logged
+    assert list(losses(run)) == [1]  # only the finite step is logged
