@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed._composable.replicate import DDP as Replicated
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
                          saved_train_states)
@@ -54,6 +55,13 @@ class TorchBackend:
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+
+    def sync_grads(self, enabled: bool) -> None:
+        """Whether the backward of the next forward reduces gradients across DDP replicas: only the last
+        micro-batch of an accumulation does. (FSDP2 reduce-scatters every micro-batch, which keeps its
+        gradients sharded.)"""
+        if isinstance(self.net, Replicated):
+            self.net.set_requires_gradient_sync(enabled)
 
     def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
         (loss / accum).backward()
@@ -116,6 +124,9 @@ class DeepSpeedBackend:
 
     def zero_grad(self) -> None:
         pass  # DeepSpeed zeroes the gradients at its accumulation boundary
+
+    def sync_grads(self, enabled: bool) -> None:
+        pass  # DeepSpeed reduces at its accumulation boundary
 
     def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
         """DeepSpeed needs backward + step per micro-batch. A non-finite micro-batch (on any rank) is

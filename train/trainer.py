@@ -255,11 +255,12 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         backend.zero_grad()
         loss_sum = torch.zeros((), device=device)
         logging_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == tc.steps
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             try:
                 batch = next(batches)
             except TooManyBadSamples as e:
                 raise StopTraining(str(e)) from e
+            backend.sync_grads(micro == tc.grad_accum - 1)
             dt = torch.bfloat16 if getattr(backend, "bf16", False) else None
             x0 = batch["latent"].to(device, dtype=dt, non_blocking=True)
             ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)

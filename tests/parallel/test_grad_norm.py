@@ -67,7 +67,6 @@ def test_sharded_grad_norm_equals_one_process(tmp_path, mode):
 def _ddp_steps(rank, world, steps):
     from train.trainer import clip_grad_norm_
 
-    _norm_and_clip(rank, world, "ddp")
     model, ref, cfg = _setup(world, "ddp")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
@@ -86,5 +85,31 @@ def _ddp_steps(rank, world, steps):
         torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_ddp_grad_norm_and_steps_equal_one_process(tmp_path):
-    run_workers(_ddp_steps, 2, tmp_path, 3)
+def _ddp_accumulation(rank, world):
+    """Two micro-batches, only the second backward reducing (TorchBackend.sync_grads), give the gradient of
+    the mean loss over both micro-batches of both ranks."""
+    from train.backends import TorchBackend
+
+    model, ref, cfg = _setup(world, "ddp")
+    backend = TorchBackend(model, None, None, None, None, None)
+    for micro in range(2):
+        backend.sync_grads(micro == 1)
+        backend.micro_step(batch_loss(model, rank_batch(cfg, rank, step=micro))[0], 2)
+        if micro == 0:  # not reduced: each rank's own gradient
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            parts = [torch.empty_like(grads) for _ in range(world)]
+            dist.all_gather(parts, grads)
+            assert not torch.equal(parts[0], parts[1])
+        (reference_loss(ref, cfg, world, step=micro)[0] / 2).backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def _ddp(rank, world, steps):
+    _norm_and_clip(rank, world, "ddp")
+    _ddp_steps(rank, world, steps)
+    _ddp_accumulation(rank, world)
+
+
+def test_ddp_grad_norm_steps_and_accumulation_equal_one_process(tmp_path):
+    run_workers(_ddp, 2, tmp_path, 3)
