@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed._composable.replicate import DDP as Replicated
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
-                         saved_train_states)
+                         saved_ema_names, saved_train_states)
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -91,7 +91,14 @@ class TorchBackend:
                        extra={"ema": self.ema} if self.ema is not None else None)
 
     def load(self, path: Path) -> dict | None:
-        saved = self.ckpt.load(path, self.net, self.opt, extra={"ema": self.ema} if self.ema is not None else None)
+        """Model, optimizer, schedule and EMA; an EMA switched on at this resume (the checkpoint has none)
+        starts from the loaded weights."""
+        has_ema = self.ema is not None and bool(saved_ema_names(path))
+        saved = self.ckpt.load(path, self.net, self.opt, extra={"ema": self.ema} if has_ema else None)
+        if self.ema is not None and not has_ema:
+            with torch.no_grad():
+                for n, p in self.net.named_parameters():
+                    self.ema[n].copy_(p.detach())
         # At another world size: the schedule is the same on every rank; take rank 0's.
         self.sched.load_state_dict((saved or saved_train_states(path)[0])["schedule"])
         return saved

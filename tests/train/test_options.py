@@ -178,6 +178,20 @@ def test_ema_equals_the_hand_computed_ema(tmp_path, baseline):
     assert not torch.equal(s["ema/blocks.0.attn.q.weight"], s["model/blocks.0.attn.q.weight"])
 
 
+def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(tmp_path, shapes):
+    """A checkpoint without EMA (train.ema_decay=0) resumed with train.ema_decay=0.75: ema_2 = w_2, then the
+    update rule."""
+    run = tmp_path / "run"
+    _ok(train([*ARGS, shapes, "train.ema_decay=0", "train.steps=2", f"train.run_dir={run}"]))
+    _ok(train([*ARGS, shapes, "train.steps=3", f"train.run_dir={run}"]))
+    s2, s3 = saved(_step(run, 2), tmp_path), saved(_step(run, 3), tmp_path)
+    assert not any(k.startswith("ema/") for k in s2)
+    for name in (k[6:] for k in s2 if k.startswith("model/") and f"ema/{k[6:]}" in s3):
+        want = EMA_DECAY * s2[f"model/{name}"] + (1 - EMA_DECAY) * s3[f"model/{name}"]
+        torch.testing.assert_close(s3[f"ema/{name}"], want, rtol=1e-6, atol=1e-8, msg=name)
+    assert {k[4:] for k in s3 if k.startswith("ema/")} == set(initial_weights(run))
+
+
 def test_non_finite_losses_stop_naming_max_nan_steps(tmp_path, shapes):
     """optim.lr=1e30 without clipping: the weights blow up after one update, the next two losses are not
     finite, and the run stops with one error line, exit code 2, naming the last checkpoint (step 2, an async
