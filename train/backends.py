@@ -28,8 +28,8 @@ from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_b
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR schedule of both engines (DeepSpeed is handed this scheduler): update k (1, 2, ...) uses
-    lr * k / warmup_steps during the warmup, then lr (constant) or a cosine down to min_lr_ratio * lr at
-    the last step."""
+    lr * k / warmup_steps during the warmup, then lr (constant) or a cosine from lr towards min_lr_ratio * lr
+    (update k at progress (k - 1 - warmup_steps) / (steps - warmup_steps): the floor comes after the last)."""
     warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
 
     def factor(step: int) -> float:
