@@ -67,18 +67,18 @@ def feed_arithmetic(per_worker: float) -> dict:
 
 
 def _counting_bytes(monkey: dict):
-    """Wrap data.shards._shard_samples so that the bytes of every tar sample read are added up."""
+    """Wrap data.shards.shard_samples so that the bytes of every tar sample read are added up."""
     import data.shards as shards
 
-    real = shards._shard_samples
+    real = shards.shard_samples
 
     def counted(url, *args):
         for raw in real(url, *args):
             monkey["bytes"] += sum(len(v) for k, v in raw.items() if isinstance(v, bytes))
             yield raw
 
-    shards._shard_samples = counted
-    return lambda: setattr(shards, "_shard_samples", real)
+    shards.shard_samples = counted
+    return lambda: setattr(shards, "shard_samples", real)
 
 
 def resume_costs(tmp: str, n_shards: int, repeats: int) -> dict:

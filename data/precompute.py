@@ -43,15 +43,15 @@ import torch
 from data.config import DataConfig, data_shapes, text_dim
 from data.encoders import load_text_encoder, load_vae
 from data.manifest import write_manifest
-from data.shards import BadSample, _shard_samples, _Tally, check_bad_fraction, decode_image_sample, expand_shards
+from data.shards import BadSample, SampleTally, check_bad_fraction, decode_image_sample, expand_shards, shard_samples
 
 LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _read_shard(url: str, cfg: DataConfig, tally: _Tally):
+def _read_shard(url: str, cfg: DataConfig, tally: SampleTally):
     """Decoded image samples of one shard in file order, with the loader's rules for bad data: bad samples
     and broken tars (also cut inside a header) are counted in `tally` per reason and skipped."""
-    for raw in _shard_samples(url, tally, 0):
+    for raw in shard_samples(url, tally, 0):
         try:
             yield decode_image_sample(raw, cfg), raw.get("json")
         except BadSample as e:
@@ -85,7 +85,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url, name in self.todo[worker::workers]:
-            tally, pending = _Tally(f" ({url})"), []
+            tally, pending = SampleTally(f" ({url})"), []
             for item in _read_shard(url, self.cfg, tally):
                 pending.append(item)
                 if len(pending) == self.cfg.batch_size:

@@ -259,7 +259,7 @@ def _error_source(exn: Exception) -> str | None:
     return None
 
 
-class _Tally:
+class SampleTally:
     """Good and bad (per reason) samples of one worker, with the first few warnings per reason logged."""
 
     def __init__(self, where: str, good: int = 0, bad: dict | None = None):
@@ -273,7 +273,7 @@ class _Tally:
                         " (further ones of this kind are counted silently)" if self.warned[reason] == 3 else "")
 
 
-def _shard_samples(url: str, tally: _Tally, count_from: float):
+def shard_samples(url: str, tally: SampleTally, count_from: float):
     """Raw samples of one shard in tar order. Errors (unreadable or corrupt tar, a cut header) are counted
     once, as `open` or `tar`, when they come at or after sample `count_from` (earlier ones were counted
     by the read that got there first)."""
@@ -322,10 +322,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             state = ReaderState.from_dict(saved["reader"])
         else:
             state = ReaderState(self.rank + self.world * worker, self.world * workers, len(self.urls), cfg.seed)
-        tally = _Tally(f" (rank {self.rank} worker {worker})", **(saved or {}).get("counts", {}))
+        tally = SampleTally(f" (rank {self.rank} worker {worker})", **(saved or {}).get("counts", {}))
 
         def open_shard(shard, count_from=float("inf")):
-            return _shard_samples(self.urls[shard], tally, count_from)
+            return shard_samples(self.urls[shard], tally, count_from)
 
         reader = ShardReader(state, open_shard, cfg.shuffle_buffer, cfg.shuffle_shards, cfg.resampled)
 

@@ -103,8 +103,8 @@ def test_elastic_resume_reads_no_fully_consumed_shard(shapes_dir, monkeypatch):
     consumed = {int(k) // 40 for k in head if sum(int(h) // 40 == int(k) // 40 for h in head) == 40}
     assert len(consumed) >= 2  # some shards fully delivered
     opened = []
-    real = shards._shard_samples
-    monkeypatch.setattr(shards, "_shard_samples", lambda url, *a: opened.append(url) or real(url, *a))
+    real = shards.shard_samples
+    monkeypatch.setattr(shards, "shard_samples", lambda url, *a: opened.append(url) or real(url, *a))
     rest = []
     for rank in range(2):
         lo = make_image_loader(cfg, rank=rank, world_size=2)
