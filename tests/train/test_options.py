@@ -158,12 +158,12 @@ def test_resume_from_a_step_dir_not_the_latest(tmp_path, baseline, shapes):
 
 
 def test_resume_from_a_path_without_a_checkpoint_fails_naming_the_field(tmp_path, baseline, shapes):
-    for path in (tmp_path / "nowhere", baseline / "checkpoints"):  # the root, not a step dir
-        proc = train([*ARGS, shapes, f"train.resume={path}", f"train.run_dir={tmp_path / 'run'}"], timeout=120)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines()[-1] == (
-            f"error: train.resume='{path}' must be auto, none or a complete step_* checkpoint directory (it has no "
-            "meta.json)")
+    path = baseline / "checkpoints"  # the root, not a step dir
+    proc = train([*ARGS, shapes, f"train.resume={path}", f"train.run_dir={tmp_path / 'run'}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: train.resume='{path}' must be auto, none or a complete step_* checkpoint directory (it has no "
+        "meta.json)")
 
 
 def test_ema_equals_the_hand_computed_ema(tmp_path, baseline):
@@ -179,17 +179,17 @@ def test_ema_equals_the_hand_computed_ema(tmp_path, baseline):
 
 
 def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(tmp_path, shapes):
-    """A checkpoint without EMA (train.ema_decay=0) resumed with train.ema_decay=0.75: ema_2 = w_2, then the
+    """A checkpoint without EMA (train.ema_decay=0) resumed with train.ema_decay=0.75: ema_1 = w_1, then the
     update rule."""
     run = tmp_path / "run"
-    _ok(train([*ARGS, shapes, "train.ema_decay=0", "train.steps=2", f"train.run_dir={run}"]))
-    _ok(train([*ARGS, shapes, "train.steps=3", f"train.run_dir={run}"]))
-    s2, s3 = saved(_step(run, 2), tmp_path), saved(_step(run, 3), tmp_path)
-    assert not any(k.startswith("ema/") for k in s2)
-    for name in (k[6:] for k in s2 if k.startswith("model/") and f"ema/{k[6:]}" in s3):
-        want = EMA_DECAY * s2[f"model/{name}"] + (1 - EMA_DECAY) * s3[f"model/{name}"]
-        torch.testing.assert_close(s3[f"ema/{name}"], want, rtol=1e-6, atol=1e-8, msg=name)
-    assert {k[4:] for k in s3 if k.startswith("ema/")} == set(initial_weights(run))
+    _ok(train([*ARGS, shapes, "train.ema_decay=0", "train.steps=1", f"train.run_dir={run}"]))
+    _ok(train([*ARGS, shapes, "train.steps=2", f"train.run_dir={run}"]))
+    s1, s2 = saved(_step(run, 1), tmp_path), saved(_step(run, 2), tmp_path)
+    assert not any(k.startswith("ema/") for k in s1)
+    for name in (k[6:] for k in s1 if k.startswith("model/") and f"ema/{k[6:]}" in s2):
+        want = EMA_DECAY * s1[f"model/{name}"] + (1 - EMA_DECAY) * s2[f"model/{name}"]
+        torch.testing.assert_close(s2[f"ema/{name}"], want, rtol=1e-6, atol=1e-8, msg=name)
+    assert {k[4:] for k in s2 if k.startswith("ema/")} == set(initial_weights(run))
 
 
 def test_non_finite_losses_stop_naming_max_nan_steps(tmp_path, shapes):
