@@ -92,11 +92,12 @@ def test_grad_accum_equals_the_large_batch(tmp_path, shapes):
     big = run("big", "data.batch_size=4")
     acc = run("acc", "data.batch_size=2", "train.grad_accum=2")
     assert [r["samples_seen"] for r in acc] == [r["samples_seen"] for r in big] == [4, 8, 12]
-    assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], rel=1e-5)
-    assert [r["grad_norm"] for r in acc] == pytest.approx([r["grad_norm"] for r in big], rel=1e-4)
+    # Measured: the same losses and norms to the bit, weights within 6e-8 after 3 steps.
+    assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], rel=1e-6)
+    assert [r["grad_norm"] for r in acc] == pytest.approx([r["grad_norm"] for r in big], rel=1e-5)
     a, b = saved(_step(tmp_path / "acc", 3), tmp_path), saved(_step(tmp_path / "big", 3), tmp_path)
     for k in (k for k in b if k.startswith("model/")):
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     w0 = initial_weights(tmp_path / "big")
     assert any(not torch.equal(b[f"model/{n}"], w) for n, w in w0.items())  # the weights did move
 
