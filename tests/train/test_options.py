@@ -1,7 +1,8 @@
 """Every trainer option through `python -m train`, each checked by a value: gradient accumulation equals the
 large batch, RMSProp's update and the cosine schedule's lr, async checkpoints equal sync ones, bf16 autocast
-stays close to fp32, meta init equals eager init, `train.resume=<step dir>`, the non-finite-loss stop and
-the EMA (a hand-computed EMA of the saved raw weights, also across a resume)."""
+stays close to fp32, meta init equals eager init, `train.resume=<step dir>` (and one that is not), the
+non-finite-loss stop and the EMA (a hand-computed EMA of the saved raw weights, across a resume, and switched
+on at a resume)."""
 
 import json
 import math
