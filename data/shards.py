@@ -246,19 +246,6 @@ def _tar_is_complete(url: str) -> bool:
         return f.read(1024) == bytes(1024)
 
 
-def _error_source(exn: Exception) -> str | None:
-    """The tar stream an exception from webdataset's tar reader came from, or None.
-
-    webdataset tags member errors as "<msg> @ <stream>" and stream errors with args (..., stream, url).
-    """
-    args = getattr(exn, "args", ())
-    if args and isinstance(args[0], str) and " @ " in args[0]:
-        return args[0].rsplit(" @ ", 1)[1]
-    if len(args) >= 2 and args[-2] is not None and not isinstance(args[-2], str):
-        return str(args[-2])
-    return None
-
-
 class SampleTally:
     """Good and bad (per reason) samples of one worker, with the first few warnings per reason logged."""
 
@@ -448,14 +435,13 @@ class ShardLoader:
         if len(states) == self.world and states[0]["num_workers"] == self.workers:
             self.load_state_dict(next(s for s in states if s["rank"] == self.rank))
             return "exact"
-        readers, counts = [], []
+        readers = []
         for s in states:
             for w in range(s["num_workers"]):
                 p = s["workers"].get(str(w))
                 readers.append(p["reader"] if p else ReaderState(s["rank"] + s["world_size"] * w,
                                                                    s["world_size"] * s["num_workers"],
                                                                    len(self.urls), self.cfg.seed).as_dict())
-            counts.append((s["rank"], s))
         self.positions, self.next_worker = {}, 0
         if self.cfg.resampled:  # draws with replacement: continue with the next round
             epoch = max(r["epoch"] for r in readers) + 1
@@ -468,8 +454,8 @@ class ShardLoader:
         for w, state in enumerate(new):
             self.positions[w] = dict(reader=state.as_dict(), counts=dict(good=0, bad={}))
         good, bad = 0, Counter()
-        for rank, s in counts:  # saved rank q's counts go to rank q % world: the totals are kept
-            if rank % self.world == self.rank:
+        for s in states:  # saved rank q's counts go to rank q % world: the totals are kept
+            if s["rank"] % self.world == self.rank:
                 total = _saved_counts(s)
                 good, bad = good + total["good"], bad + Counter(total["bad"])
         self.carried = dict(good=good, bad=dict(bad))
