@@ -175,7 +175,6 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
          f"meta.json)"),
         (t.wandb_mode in ("offline", "online", "disabled"),
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
-        (pcfg.engine == "fsdp" or pcfg.ep == 1, "parallel.engine=deepspeed supports parallel.ep=1 only"),
         (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
         (not t.compile or pcfg.engine == "fsdp",
          "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
