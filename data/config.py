@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from model.config import ConfigError
+
 TEXT_ENCODERS = ("minilm", "t5")
 VAES = ("pixel", "kl")
 KINDS = ("image", "latent")
@@ -48,10 +50,10 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> "DataConfig":
-        """Raise ValueError naming the first bad field."""
+        """Raise ConfigError naming the first bad field."""
 
         def bad(name, msg):
-            raise ValueError(f"data.{name}={getattr(self, name)!r} {msg}")
+            raise ConfigError(f"data.{name}={getattr(self, name)!r} {msg}")
 
         if self.kind not in KINDS:
             bad("kind", f"must be one of {KINDS}")
@@ -119,7 +121,7 @@ def text_dim(cfg: DataConfig) -> int:
         try:
             conf = AutoConfig.from_pretrained(path).to_dict()
         except OSError as e:
-            raise ValueError(f"data.text_encoder_path={path!r} has no config.json and cannot be fetched "
+            raise ConfigError(f"data.text_encoder_path={path!r} has no config.json and cannot be fetched "
                              f"({_why_not_fetched()}): give a local directory (save_pretrained) or a name "
                              "already in the Hugging Face cache") from e
     return int(conf.get("d_model") or conf["hidden_size"])
@@ -138,14 +140,14 @@ def vae_geometry(cfg: DataConfig) -> tuple[int, int]:
 
     if os.path.isdir(cfg.vae_path) and not os.path.isfile(os.path.join(cfg.vae_path, "config.json")):
         if os.path.isfile(os.path.join(cfg.vae_path, "vae", "config.json")):
-            raise ValueError(f"data.vae_path={cfg.vae_path!r} is a diffusers pipeline: give its VAE, "
+            raise ConfigError(f"data.vae_path={cfg.vae_path!r} is a diffusers pipeline: give its VAE, "
                              f"data.vae_path={os.path.join(cfg.vae_path, 'vae')!r}")
-        raise ValueError(f"data.vae_path={cfg.vae_path!r} has no config.json (an AutoencoderKL saved with "
+        raise ConfigError(f"data.vae_path={cfg.vae_path!r} has no config.json (an AutoencoderKL saved with "
                          "save_pretrained)")
     try:
         conf = AutoencoderKL.load_config(cfg.vae_path)
     except OSError as e:
-        raise ValueError(f"data.vae_path={cfg.vae_path!r} is not a local AutoencoderKL and cannot be fetched "
+        raise ConfigError(f"data.vae_path={cfg.vae_path!r} is not a local AutoencoderKL and cannot be fetched "
                          f"({_why_not_fetched()})") from e
     return int(conf["latent_channels"]), 2 ** (len(conf["block_out_channels"]) - 1)
 
@@ -155,5 +157,5 @@ def data_shapes(cfg: DataConfig | None = None) -> DataShapes:
     cfg = cfg or DataConfig()
     channels, down = vae_geometry(cfg)
     if cfg.image_size % down:
-        raise ValueError(f"data.image_size={cfg.image_size} is not divisible by the VAE's downsampling {down}")
+        raise ConfigError(f"data.image_size={cfg.image_size} is not divisible by the VAE's downsampling {down}")
     return DataShapes(channels, cfg.image_size // down, text_dim(cfg), cfg.max_text_len)

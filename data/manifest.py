@@ -17,12 +17,13 @@ import json
 import os
 
 from data.config import DataConfig, data_shapes
+from model.config import ConfigError
 
 MANIFEST = "manifest.json"
 FIELDS = ("text_storage", "text_encoder", "text_encoder_path", "vae", "vae_path", "image_size")
 
 
-class ManifestMismatch(ValueError):
+class ManifestMismatch(ConfigError):
     """The run config disagrees with the manifest.json of its latent shards."""
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from data.config import DataConfig, data_shapes, text_encoder_path
 from data.stream import VERSION, ReaderState, ShardReader, merge_states, restored
+from model.config import ConfigError
 
 log = logging.getLogger("data")
 
@@ -216,19 +217,19 @@ def check_shard_list(cfg: DataConfig, world_size: int) -> list[str]:
     """The expanded shard list, or ValueError (one line naming data.shards): empty, a directory, missing
     files, or fewer shards than ranks x workers (without resampling)."""
     if not cfg.shards:
-        raise ValueError("data.shards is empty: give a brace pattern such as 'shards/data-{000000..000099}.tar'")
+        raise ConfigError("data.shards is empty: give a brace pattern such as 'shards/data-{000000..000099}.tar'")
     if os.path.isdir(cfg.shards):
         tars = sorted(f for f in os.listdir(cfg.shards) if f.endswith(".tar"))
         hint = f" such as '{os.path.join(cfg.shards, tars[0])}'" if tars else ""
-        raise ValueError(f"data.shards={cfg.shards!r} is a directory: give the shard files as a brace pattern{hint} "
+        raise ConfigError(f"data.shards={cfg.shards!r} is a directory: give the shard files as a brace pattern{hint} "
                          f"({len(tars)} .tar files there)")
     urls = expand_shards(cfg.shards)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
-        raise ValueError(f"data.shards: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+        raise ConfigError(f"data.shards: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     readers = world_size * max(1, cfg.num_workers)
     if not cfg.resampled and len(urls) < readers:
-        raise ValueError(f"data.shards: {len(urls)} shards < {world_size} ranks x {max(1, cfg.num_workers)} workers; "
+        raise ConfigError(f"data.shards: {len(urls)} shards < {world_size} ranks x {max(1, cfg.num_workers)} workers; "
                          "write more shards, lower data.num_workers or set data.resampled=true")
     return urls
 

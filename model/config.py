@@ -25,7 +25,14 @@ VAE_PARAMS = 34_000_000
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
+    """A bad configuration value or combination, raised by every config check of the project (model,
+    data, flow, parallel, trainer). The message starts with the dotted path of the field
+    (``model.moe.num_experts=3 must be divisible by parallel.ep=2``); `field` is that path."""
+
+    @property
+    def field(self) -> str:
+        head = str(self).split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
+        return head
 
 
 @dataclass
@@ -46,7 +53,9 @@ class MoEConfig:
 
     num_experts: int = 8
     router: str = "expert_choice"
-    capacity_factor: float = 2.0  # f_c: average number of experts per token (expert choice)
+    # f_c: the average number of experts per token (expert choice), as in the EC-DiT paper. Not GShard's or
+    # megatron-core's "capacity factor" (slack above the even share): that one is tc_capacity_factor.
+    capacity_factor: float = 2.0
     top_k: int = 2  # token choice
     tc_capacity_factor: float = 1.0  # token choice slack; 1.0 = same expert FLOPs as EC at f_c = top_k
     aux_loss_weight: float = 0.01  # token choice load-balancing loss weight
@@ -119,7 +128,10 @@ class MoEConfig:
         return self.router != "token_choice"
 
     def capacity(self, group_tokens: int) -> int:
-        """Slots per expert in a routing group of `group_tokens` tokens."""
+        """Slots per expert in a routing group of G = `group_tokens` tokens. Expert choice: round(G * f_c / E),
+        rounded half to even (Python's round), so that the realised experts per token stay closest to f_c;
+        the DiffMoE authors' code floors instead (the two differ when G * f_c / E is not an integer).
+        Token choice: ceil(tc_capacity_factor * top_k * G / E)."""
         E = self.num_experts
         if self.is_expert_choice:
             return min(group_tokens, round(group_tokens * self.capacity_factor / E))

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .config import ConfigError
 from .layers import patchify
 
 
@@ -23,9 +24,9 @@ class FlowConfig:
 
     def validate(self) -> "FlowConfig":
         if self.t_std <= 0:
-            raise ValueError(f"flow.t_std={self.t_std} must be > 0")
+            raise ConfigError(f"flow.t_std={self.t_std} must be > 0")
         if not 0.0 <= self.text_drop_prob < 1.0:
-            raise ValueError(f"flow.text_drop_prob={self.text_drop_prob} must be in [0, 1)")
+            raise ConfigError(f"flow.text_drop_prob={self.text_drop_prob} must be in [0, 1)")
         return self
 
 

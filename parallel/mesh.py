@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from model.config import ConfigError
+
 DISPATCHERS = ("alltoall", "megatron_alltoall", "megatron_allgather")
-
-
-class ParallelConfigError(ValueError):
-    """A bad parallel configuration; the message names the field."""
 
 
 @dataclass
@@ -36,30 +34,30 @@ class ParallelConfig:
         """Validate against the world size and the model's experts; fill dp_shard = -1."""
         p = "parallel"
         if self.dp_replicate < 1:
-            raise ParallelConfigError(f"{p}.dp_replicate={self.dp_replicate} must be >= 1")
+            raise ConfigError(f"{p}.dp_replicate={self.dp_replicate} must be >= 1")
         if world_size % self.dp_replicate:
-            raise ParallelConfigError(f"{p}.dp_replicate={self.dp_replicate} must divide the world size {world_size}")
+            raise ConfigError(f"{p}.dp_replicate={self.dp_replicate} must divide the world size {world_size}")
         dp_shard = world_size // self.dp_replicate if self.dp_shard == -1 else self.dp_shard
         if dp_shard < 1 or self.dp_replicate * dp_shard != world_size:
-            raise ParallelConfigError(f"{p}.dp_replicate x {p}.dp_shard = {self.dp_replicate} x {dp_shard} "
+            raise ConfigError(f"{p}.dp_replicate x {p}.dp_shard = {self.dp_replicate} x {dp_shard} "
                                       f"must equal the world size {world_size}")
         if self.ep < 1 or dp_shard % self.ep:
-            raise ParallelConfigError(f"{p}.ep={self.ep} must divide {p}.dp_shard={dp_shard}")
+            raise ConfigError(f"{p}.ep={self.ep} must divide {p}.dp_shard={dp_shard}")
         if self.ep > 1 and not self.fsdp and self.engine == "fsdp":
-            raise ParallelConfigError(f"{p}.ep={self.ep} needs {p}.fsdp=true: without FSDP nothing reduces the dense "
+            raise ConfigError(f"{p}.ep={self.ep} needs {p}.fsdp=true: without FSDP nothing reduces the dense "
                                       f"gradients across the expert-parallel ranks (use parallel=fsdp_ep)")
         if self.ep > 1 and num_experts is None:
-            raise ParallelConfigError(f"{p}.ep={self.ep} needs a MoE model (model.moe is None)")
+            raise ConfigError(f"{p}.ep={self.ep} needs a MoE model (model.moe is None)")
         if num_experts is not None and num_experts % self.ep:
-            raise ParallelConfigError(f"model.moe.num_experts={num_experts} must be divisible by {p}.ep={self.ep}")
+            raise ConfigError(f"model.moe.num_experts={num_experts} must be divisible by {p}.ep={self.ep}")
         if self.dispatcher not in DISPATCHERS:
-            raise ParallelConfigError(f"{p}.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
+            raise ConfigError(f"{p}.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
         if self.engine not in ("fsdp", "deepspeed"):
-            raise ParallelConfigError(f"{p}.engine={self.engine!r} must be 'fsdp' or 'deepspeed'")
+            raise ConfigError(f"{p}.engine={self.engine!r} must be 'fsdp' or 'deepspeed'")
         if self.zero_stage not in (2, 3):
-            raise ParallelConfigError(f"{p}.zero_stage={self.zero_stage} must be 2 or 3")
+            raise ConfigError(f"{p}.zero_stage={self.zero_stage} must be 2 or 3")
         if self.param_dtype not in ("fp32", "bf16"):
-            raise ParallelConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
+            raise ConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
         from dataclasses import replace
         return replace(self, dp_shard=dp_shard)
 

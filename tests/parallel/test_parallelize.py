@@ -93,12 +93,13 @@ def test_meta_build_parallelize_ac_bf16_then_init(tmp_path):
 
 
 def test_bad_parallel_config_names_the_field():
-    from parallel.mesh import ParallelConfig, ParallelConfigError
-    with pytest.raises(ParallelConfigError, match="model.moe.num_experts=6"):
+    from model.config import ConfigError
+    from parallel.mesh import ParallelConfig
+    with pytest.raises(ConfigError, match="model.moe.num_experts=6"):
         ParallelConfig(ep=4).resolved(4, 6)
-    with pytest.raises(ParallelConfigError, match="parallel.ep=3"):
+    with pytest.raises(ConfigError, match="parallel.ep=3"):
         ParallelConfig(ep=3).resolved(4, 6)
-    with pytest.raises(ParallelConfigError, match="parallel.dp_replicate"):
+    with pytest.raises(ConfigError, match="parallel.dp_replicate"):
         ParallelConfig(dp_replicate=3).resolved(4, 8)
-    with pytest.raises(ParallelConfigError, match="parallel.dispatcher"):
+    with pytest.raises(ConfigError, match="parallel.dispatcher"):
         ParallelConfig(dispatcher="nccl").resolved(2, 8)
