@@ -243,7 +243,7 @@ def train_args(pattern: str, t5: str, dry: bool) -> list[str]:
             "data.shuffle_buffer=64"]
     if dry:
         args += ["data.batch_size=4", "model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1",
-                 "model.num_experts=4", "model.group_size=256", "model.inference_group_size=256", "train.threads=1"]
+                 "model.moe.num_experts=4", "model.moe.group_size=256", "model.moe.inference_group_size=256", "train.threads=1"]
     else:
         args += ["data.batch_size=16"]
     return args

@@ -12,6 +12,7 @@ Bad overrides fail before any process group is created, with the field named.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -28,10 +29,52 @@ def _prepare_argv(argv: list[str]) -> list[str]:
         if a.startswith("--local_rank") or a.startswith("--local-rank"):
             os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1] if "=" in a else "0")
             continue
-        out.append(a)
+        out.append(_quote_braces(a))
     if int(os.environ.get("RANK", 0)) != 0:
         out += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     return out
+
+
+def _quote_braces(arg: str) -> str:
+    """`key=shards-{000000..000999}.tar` as bash passes `key='shards-{...}.tar'` on: Hydra's grammar reads an
+    unquoted `{` as a dict, so a brace-pattern value gets the quotes the shell removed."""
+    key, sep, value = arg.partition("=")
+    if sep and "{" in value and ".." in value and "${" not in value and value[:1] not in "'\"":
+        return f"{key}='{value}'"
+    return arg
+
+
+def _composition_error(conf_dir: str, overrides: list[str]) -> str | None:
+    """None if the overrides compose, else one line naming the first override that breaks composition
+    (Hydra's own report spans several lines, or is a traceback)."""
+    from hydra import compose, initialize_config_dir
+
+    args = [a for a in overrides if ("=" in a or a.startswith("~")) and not a.startswith(("-", "hydra"))]
+
+    def failure(prefix: list[str]) -> Exception | None:
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                compose("config", overrides=prefix)
+        except Exception as e:  # noqa: BLE001 - any composition failure is reported as one line
+            return e
+        return None
+
+    err = failure(args)
+    if err is None:
+        return None
+    culprit = next((a for i, a in enumerate(args) if failure(args[:i + 1]) is not None), "")
+    cause = err.__cause__ if err.__cause__ is not None else err
+    text = str(cause).strip() or type(cause).__name__
+    first = text.splitlines()[0]
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Available options")), len(lines))
+    options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), lines[start + 1:])]
+    if options:
+        first += f" (options: {', '.join(options)})"
+    elif isinstance(cause, AssertionError) and "NoneType" in text:
+        parent = culprit.partition("=")[0].rsplit(".", 1)[0]
+        first = f"{parent} is null here (a dense preset has no model.moe), so it has no fields to set"
+    return f"{culprit}: {first}" if culprit else first
 
 
 def main() -> None:
@@ -41,9 +84,14 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from train.config import AppConfigError, register
+    from model.config import ConfigError
+    from train.config import register
     register()
     conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    problem = _composition_error(conf_dir, sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _app(cfg) -> None:
@@ -58,7 +106,7 @@ def main() -> None:
             sys.exit(2)
         try:
             summary = run(app)
-        except (AppConfigError, StopTraining) as e:
+        except (ConfigError, StopTraining) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         if int(os.environ.get("RANK", 0)) == 0:

@@ -1,9 +1,11 @@
 """Structured configs of the training app (Hydra ConfigStore), and their validation.
 
-Groups (YAML in conf/): model/ (a preset + optional overrides), data/, parallel/, optim/, train/,
-experiment/. Hydra rejects unknown keys and wrong types at compose time; `validate_app` checks the
-values and their combinations (with the world size) before any process group is created, and every
-message names the field.
+One typed tree: the dataclasses below (and the model, data, flow and parallel ones they hold) are the
+Hydra schema. Groups: model (one option per preset of model/config.py PRESETS, stored by `register`),
+and the YAML options of conf/data, conf/parallel, conf/optim, conf/train, conf/experiment. Hydra rejects
+unknown keys and wrong types at compose time; `validate_app` checks the values and their combinations
+(with the world size) before any process group is created, raising one `ConfigError` whose message
+starts with the field's dotted path.
 """
 
 from __future__ import annotations
@@ -16,45 +18,34 @@ from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig, data_shapes
 from data.manifest import apply_manifest
-from model.config import ConfigError, DiTConfig, get_preset
+from model.config import PRESETS, ConfigError, DiTConfig, get_preset
 from model.flow import FlowConfig
-from parallel.mesh import ParallelConfig, ParallelConfigError
+from parallel.mesh import ParallelConfig
 
 
 @dataclass
-class ModelCfg:
-    """A preset from model/config.py plus optional overrides (None = the preset's value). The latent
-    shape (in_channels, input_size) and the text width/length always come from the data."""
+class ModelSpec(DiTConfig):
+    """The `model` group: a preset of `model.config.PRESETS` (`model=<name>`, stored in Hydra's ConfigStore
+    by `register`) whose every field can be overridden (`model.depth=4`, `model.moe.num_experts=16`).
 
-    preset: str = "small-ec"
-    depth: int | None = None
-    dim: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    mask_ratio: float | None = None
-    num_experts: int | None = None
-    router: str | None = None
-    capacity_factor: float | None = None
-    top_k: int | None = None
-    tc_capacity_factor: float | None = None
-    aux_loss_weight: float | None = None
-    group: str | None = None
-    group_size: int | None = None
-    inference_group: str | None = None
-    inference_group_size: int | None = None
-    predictor_weight: float | None = None
-    predictor_hidden: int | None = None
-    threshold_decay: float | None = None
-    dynamic_multiplier: float | None = None
-    global_pool: bool | None = None
-    pool_slack: float | None = None
-    expert_matmul: str | None = None
+    The four shape fields are null: the data decides them (latent channels and size, text width and
+    length; `resolve_model`). Setting one asserts it: a value the data does not give is refused."""
+
+    in_channels: int | None = None
+    input_size: int | None = None
+    text_dim: int | None = None
+    text_len: int | None = None
 
 
-MOE_FIELDS = ("num_experts", "router", "capacity_factor", "top_k", "tc_capacity_factor", "aux_loss_weight",
-              "group", "group_size", "inference_group", "inference_group_size", "predictor_weight",
-              "predictor_hidden", "threshold_decay", "dynamic_multiplier", "global_pool", "pool_slack",
-              "expert_matmul")
+SHAPE_FIELDS = {"in_channels": "latent_channels", "input_size": "latent_size", "text_dim": "text_dim",
+                "text_len": "max_text_len"}
+
+
+def model_spec(preset: str) -> ModelSpec:
+    """The `model` group node of a preset: its values, shape fields left to the data."""
+    cfg = get_preset(preset)
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DiTConfig)}
+    return ModelSpec(**{**values, **dict.fromkeys(SHAPE_FIELDS)})
 
 
 @dataclass
@@ -102,7 +93,7 @@ class TrainCfg:
 
 @dataclass
 class AppConfig:
-    model: ModelCfg = field(default_factory=ModelCfg)
+    model: ModelSpec = field(default_factory=lambda: model_spec("small-ec"))
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -111,51 +102,47 @@ class AppConfig:
 
 
 def register() -> None:
+    """The app schema and one `model` group option per preset (the registry is `model.config.PRESETS`)."""
     cs = ConfigStore.instance()
     cs.store(name="app_schema", node=AppConfig)
+    for name in PRESETS:
+        cs.store(group="model", name=name, node=model_spec(name))
 
 
-class AppConfigError(ValueError):
-    """A bad training configuration; the message names the field."""
-
-
-def model_config(mcfg: ModelCfg, dcfg: DataConfig) -> DiTConfig:
-    """The network's config: the preset, the overrides, and the latent/text shapes of the data."""
-    try:
-        shapes = data_shapes(dcfg)
-    except ValueError as e:
-        raise AppConfigError(str(e)) from e
-    top = {k: getattr(mcfg, k) for k in ("depth", "dim", "heads", "kv_heads", "mask_ratio")
-           if getattr(mcfg, k) is not None}
-    moe = {k: getattr(mcfg, k) for k in MOE_FIELDS if getattr(mcfg, k) is not None}
-    top.update(in_channels=shapes.latent_channels, input_size=shapes.latent_size, text_dim=shapes.text_dim,
-               text_len=shapes.max_text_len)
-    try:
-        base = get_preset(mcfg.preset)
-        if moe and base.moe is None:
-            raise ConfigError(f"model.{next(iter(moe))} given for the dense preset {mcfg.preset!r}")
-        return get_preset(mcfg.preset, **top, **({"moe": moe} if moe else {}))
-    except ConfigError as e:
-        # The preset layer says model.moe.X; the app's field is model.X.
-        raise AppConfigError(str(e).replace("model.moe.", "model.")) from e
+def resolve_model(spec: ModelSpec, dcfg: DataConfig) -> DiTConfig:
+    """The network's config: the chosen preset with its overrides, shaped by the data."""
+    shapes = data_shapes(dcfg)
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTConfig)}
+    for name, attr in SHAPE_FIELDS.items():
+        given, wanted = values[name], getattr(shapes, attr)
+        if given is not None and given != wanted:
+            raise ConfigError(f"model.{name}={given} disagrees with the data, which gives {wanted}; leave it "
+                              f"unset (null): the data sets it")
+        values[name] = wanted
+    moe = values.pop("moe")
+    return DiTConfig(**values, moe=None if moe is None else dataclasses.replace(moe)).validate()
 
 
 def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelConfig]:
-    """Check everything that can be checked before a process group exists. Latent data: cfg.data takes the
-    settings of the shards' manifest.json (data/manifest.py) in place."""
-    try:
-        cfg.data.validate()
-        if cfg.data.kind == "latent":
-            cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json
-    except ValueError as e:
-        raise AppConfigError(str(e)) from e
-    mcfg = model_config(cfg.model, cfg.data)
-    try:
-        pcfg = cfg.parallel.resolved(world_size, mcfg.moe.num_experts if mcfg.moe else None)
-    except ParallelConfigError as e:
-        raise AppConfigError(str(e).replace("model.moe.", "model.")) from e
+    """Check everything that can be checked before a process group exists, in one pass that raises
+    `ConfigError` naming the field. Latent data: cfg.data takes the settings of the shards' manifest.json
+    (data/manifest.py) in place."""
+    cfg.data.validate()
+    if cfg.data.kind == "latent":
+        cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json
+    mcfg = resolve_model(cfg.model, cfg.data)
+    pcfg = cfg.parallel.resolved(world_size, mcfg.moe.num_experts if mcfg.moe else None)
+    cfg.flow.validate()
+    for ok, msg in _app_checks(cfg, pcfg):
+        if not ok:
+            raise ConfigError(msg)
+    return mcfg, pcfg
+
+
+def _app_checks(cfg: AppConfig, pcfg: ParallelConfig) -> list[tuple[bool, str]]:
+    """(holds, message) for the optimizer, trainer and cross-group rules."""
     o, t = cfg.optim, cfg.train
-    checks = [
+    return [
         (o.name in ("adamw", "rmsprop"), f"optim.name={o.name!r} must be 'adamw' or 'rmsprop'"),
         (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
@@ -182,14 +169,6 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
          f"train.compile=true needs parallel.dispatcher=alltoall with expert parallelism (got "
          f"{pcfg.dispatcher!r}: megatron's dispatcher syncs token counts to the host)"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise AppConfigError(msg)
-    try:
-        cfg.flow.validate()
-    except ValueError as e:
-        raise AppConfigError(str(e)) from e
-    return mcfg, pcfg
 
 
 def to_container(cfg) -> dict:

@@ -30,7 +30,7 @@ from parallel.routing_pool import install_routing_pool
 
 from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config, lr_schedule
 from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, restore_rng, saved_train_states
-from .config import AppConfig, AppConfigError, to_container, validate_app
+from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalar_tensors
 from .state import TrainState
 
@@ -114,10 +114,7 @@ def run(cfg: AppConfig) -> dict:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     mcfg, pcfg = validate_app(cfg, world)  # before any process group
-    try:
-        check_shard_list(cfg.data, world)
-    except ValueError as e:
-        raise AppConfigError(str(e)) from e
+    check_shard_list(cfg.data, world)
     tc = cfg.train
     torch.set_num_threads(_threads(cfg))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

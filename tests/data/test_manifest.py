@@ -44,11 +44,12 @@ def test_a_disagreeing_field_fails_naming_it_and_both_values(shards, tmp_path, t
 
 
 def test_validate_app_refuses_a_mismatch_before_anything_is_built(shards):
-    from train.config import AppConfig, AppConfigError, validate_app
+    from model.config import ConfigError
+    from train.config import AppConfig, validate_app
 
     cfg = AppConfig()
     cfg.data = DataConfig(kind="latent", shards=shards, image_size=128)
-    with pytest.raises(AppConfigError, match=r"^data.image_size=128 disagrees with manifest.json image_size 64 \("):
+    with pytest.raises(ConfigError, match=r"^data.image_size=128 disagrees with manifest.json image_size 64 \("):
         validate_app(cfg, 1)
     cfg.data = DataConfig(kind="latent", shards=shards)
     mcfg, _ = validate_app(cfg, 1)

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = "launch/slurm/train.sbatch"
-MODEL = ["model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "model.num_experts=4",
-         "model.group_size=256", "model.inference_group_size=256"]
+MODEL = ["model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "model.moe.num_experts=4",
+         "model.moe.group_size=256", "model.moe.inference_group_size=256"]
 BASE = [*MODEL, "train.log_every=1", "train.ckpt_every=100", "data.batch_size=4", "data.shuffle_buffer=50",
         "train.sample_steps=2", "train.sample_prompts=[a red circle]", "train.threads=1"]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")

@@ -10,7 +10,7 @@ import torch
 
 import model.flow as flow
 
-CHUNK = 2  # images; with the tests' model.group_size=256 and 128 kept tokens each, one routing group
+CHUNK = 2  # images; with the tests' model.moe.group_size=256 and 128 kept tokens each, one routing group
 _loss = flow.flow_loss
 _chunks = 0
 

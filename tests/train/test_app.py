@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "data.batch_size=4", "data.shuffle_buffer=50",
-        "model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "model.num_experts=4",
-        "model.group_size=256", "model.inference_group_size=256", "train.sample_steps=2",
+        "model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1", "model.moe.num_experts=4",
+        "model.moe.group_size=256", "model.moe.inference_group_size=256", "train.sample_steps=2",
         "train.sample_prompts=[a red circle,two blue squares]", "train.threads=1"]
 
 
@@ -109,8 +109,11 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
 
 
 @pytest.mark.parametrize("override, world, message", [
-    ("model.num_experts=3", "2", "model.num_experts=3 must be divisible by parallel.ep=2"),
-    ("model.preset=ec-xl-9e", "2", "model.preset='ec-xl-9e' is unknown"),
+    ("model.moe.num_experts=3", "2", "model.moe.num_experts=3 must be divisible by parallel.ep=2"),
+    ("model=ec-xl-9e", "2", "error: model=ec-xl-9e: In 'config': Could not find 'model/ec-xl-9e' (options: dense-3xl,"),
+    ("model.num_experts=4", "2", "error: model.num_experts=4: Key 'num_experts' not in 'ModelSpec'"),
+    ("model=small-dense model.moe.top_k=1", "1", "error: model.moe.top_k=1: model.moe is null here"),
+    ("model.input_size=16", "2", "error: model.input_size=16 disagrees with the data, which gives 32"),
     ("optim.lr=-1", "2", "optim.lr=-1.0 must be > 0"),
     ("optim.lrr=1", "2", "lrr"),
     ("parallel.ep=3", "2", "parallel.ep=3 must divide parallel.dp_shard=2"),
@@ -136,13 +139,14 @@ def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message)
     (dict(ep=2, dispatcher="megatron_alltoall"), 2, "train.compile=true needs parallel.dispatcher=alltoall"),
 ])
 def test_compile_is_refused_where_the_block_cannot_be_one_graph(parallel, world, message):
-    from train.config import AppConfig, AppConfigError, validate_app
+    from model.config import ConfigError
+    from train.config import AppConfig, validate_app
     cfg = AppConfig()
     cfg.train.compile = True
     validate_app(cfg, world)  # the default engine and dispatcher compile
     for k, v in parallel.items():
         setattr(cfg.parallel, k, v)
-    with pytest.raises(AppConfigError, match=f"^{message}"):
+    with pytest.raises(ConfigError, match=f"^{message}"):
         validate_app(cfg, world)
 
 
@@ -192,7 +196,7 @@ def test_deepspeed_launcher_zero2_trains_and_resumes_exactly(tmp_path, shapes):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-               "train/__main__.py", "parallel=deepspeed_zero2", "model.num_experts=4", *BASE, shapes,
+               "train/__main__.py", "parallel=deepspeed_zero2", "model.moe.num_experts=4", *BASE, shapes,
                f"train.steps={steps}", f"train.run_dir={run_dir}"]
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])

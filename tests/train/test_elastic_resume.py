@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tests" / "train"))
 from test_app import BASE, _env, losses  # noqa: E402
 
 SHARD, SHARDS = 32, 8
-ARGS = [*BASE, "model.num_experts=4", "optim.warmup_steps=20", "optim.lr=1e-4", "train.ckpt_every=6",
+ARGS = [*BASE, "model.moe.num_experts=4", "optim.warmup_steps=20", "optim.lr=1e-4", "train.ckpt_every=6",
         "parallel=fsdp"]
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 from test_app import BASE, _env, shapes  # noqa: E402,F401
 
-ARGS = [*BASE, "train.steps=5", "optim.warmup_steps=3", "optim.lr=3e-4", "model.num_experts=4"]
+ARGS = [*BASE, "train.steps=5", "optim.warmup_steps=3", "optim.lr=3e-4", "model.moe.num_experts=4"]
 
 
 def _run(parallel: str, run_dir: Path, shapes_arg: str) -> list[dict]:

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["data=latent_shards", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16", "train.steps=2",
         "train.log_every=1", "model.depth=2", "model.dim=64", "model.heads=2", "model.kv_heads=1",
-        "model.num_experts=4", "model.group_size=256", "model.inference_group_size=256", "train.sample_steps=1",
+        "model.moe.num_experts=4", "model.moe.group_size=256", "model.moe.inference_group_size=256", "train.sample_steps=1",
         "train.sample_prompts=[a red circle]", "train.threads=1", "train.wandb_mode=disabled"]
 
 
