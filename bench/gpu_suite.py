@@ -414,18 +414,18 @@ def sample_ms_per_image(preset: str, routing: str, images: int, steps: int, dev,
     mask = torch.ones(images, cfg.text_len, dtype=torch.bool, device=dev)
     noise = torch.randn(images, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
 
-    def run(n: int) -> float:
+    def run(net, n: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        euler_sample(cfg_velocity(model, ctx, mask, 4.0), noise, n)
+        euler_sample(cfg_velocity(net, ctx, mask, 4.0), noise, n)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    with torch.no_grad(), inference_routing(model, routing if cfg.moe is not None else "sample"):
-        run(2)  # warm-up
-        return run(steps) / images * 1e3
+    with torch.no_grad(), inference_routing(model, routing if cfg.moe is not None else "sample") as net:
+        run(net, 2)  # warm-up
+        return run(net, steps) / images * 1e3
 
 
 def stage_d(dry: bool, work: Path) -> Parts:

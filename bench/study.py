@@ -36,8 +36,9 @@ from data import load_text_encoder, load_vae  # noqa: E402
 from data.synthetic import caption_of, generate_sample, heldout_prompts, training_prompts, write_shards  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
+from model.routing import LoadMeter  # noqa: E402
 from train.evaluate import score_images  # noqa: E402
-from train.sample import (WEIGHTS, data_config, decode, expert_load, generate_latents, inference_routing,  # noqa: E402
+from train.sample import (WEIGHTS, data_config, decode, generate_latents, inference_routing,  # noqa: E402
                           load_model, routing_maps)
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png  # noqa: E402
 
@@ -119,10 +120,10 @@ def validation_batches(text_encoder, vae, n: int, batch: int, seed: int):
 def validation_loss(model, batches, routing: str) -> float:
     """Mean squared velocity error on all tokens (no masking, no text dropout), fixed t and noise."""
     total, n = 0.0, 0
-    with inference_routing(model, routing):
+    with inference_routing(model, routing) as net:
         for x0, emb, mask, t, noise in batches:
             x_t = interpolate(x0, noise, t)
-            pred = model(x_t, t, emb, mask, collect_stats=False).pred
+            pred = net(x_t, t, emb, mask, collect_stats=False).pred
             total += float((pred - (noise - x0)).pow(2).mean()) * len(t)
             n += len(t)
     return total / n
@@ -148,9 +149,10 @@ def evaluate_variant(variant: str, run_dir: Path, args, prompt_sets: dict) -> di
     for name, routing in modes.items():
         r = {"val_loss": validation_loss(model, val, routing)}
         t0 = time.perf_counter()
-        with expert_load(model) as load:
-            latents = generate_latents(model, text_encoder, all_captions, args.sample_steps, args.guidance,
-                                       args.seed, args.batch_size, routing)
+        meter = LoadMeter(cfg.num_moe_blocks)
+        latents = generate_latents(model, text_encoder, all_captions, args.sample_steps, args.guidance,
+                                   args.seed, args.batch_size, routing, meter=meter)
+        load = meter.summary()
         seconds = time.perf_counter() - t0
         images = decode(vae, latents)
         nh = len(captions["heldout"])

@@ -5,7 +5,7 @@ the FFN being dense or, in every other block from the second, a MoE whose router
 after cross-attention, Eq. 4).
 
 MaskDiT (drop-and-restore, see README): with `keep_idx` the blocks run on the kept tokens only and
-the output is the kept tokens' prediction [B, S_keep, p*p*C]; without it the full image [B, C, H, W].
+the output is the kept tokens' prediction [B, K, P]; without it the full image [B, C, H, W].
 
 Build on the meta device and initialise explicitly (see `build_model`).
 """
@@ -22,20 +22,20 @@ from .config import DiTConfig
 from .layers import (AdaLNModulation, FeedForward, TimestepEmbedder, layer_norm, modulate, patchify,
                      sincos_pos_embed_2d, unpatchify, xavier_linear_)
 from .moe import MoEFeedForward
-from .routing import RoutingPlan
+from .routing import InferenceRouting, RoutingPlan
 
 
 @dataclass
 class DiTOutput:
-    pred: torch.Tensor  # [B, C, H, W], or [B, S_keep, p*p*C] when tokens were dropped
+    pred: torch.Tensor  # [B, C, H, W], or [B, K, P] when tokens were dropped
     aux_loss: torch.Tensor  # weighted sum of the MoE layers' auxiliary losses (scalar)
     moe_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one dict per MoE layer
 
 
 @dataclass
 class TextCond:
-    """Text conditioning of one forward: embeddings [B, L, d_y], padding mask [B, L] (True = attend),
-    CFG drop flags [B] and the learned null text [d_y]."""
+    """Text conditioning of one forward: embeddings [B, L, Y], padding mask [B, L] (True = attend),
+    CFG drop flags [B] and the learned null text [Y]."""
 
     ctx: torch.Tensor
     mask: torch.Tensor | None
@@ -56,7 +56,8 @@ class DiTBlock(nn.Module):
         else:
             self.ffn = FeedForward(d, cfg.dense_ffn_dim(index), cfg.ffn_bias)
 
-    def forward(self, x_BSD: torch.Tensor, c_BD: torch.Tensor, text: "TextCond", collect_stats: bool = True
+    def forward(self, x_BSD: torch.Tensor, c_BD: torch.Tensor, text: "TextCond",
+                routing: InferenceRouting | None = None, collect_stats: bool = True
                 ) -> tuple[torch.Tensor, RoutingPlan | None]:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaln(c_BD)
         x = x_BSD + g1.unsqueeze(1) * self.attn(modulate(layer_norm(x_BSD), sh1, sc1))
@@ -64,7 +65,7 @@ class DiTBlock(nn.Module):
         h = modulate(layer_norm(x), sh2, sc2)
         plan = None
         if self.is_moe:
-            f, plan = self.ffn(h, x, collect_stats=collect_stats)
+            f, plan = self.ffn(h, x, routing, collect_stats)
         else:
             f = self.ffn(h)
         return x + g2.unsqueeze(1) * f, plan
@@ -115,48 +116,47 @@ class DiT(nn.Module):
 
     # ---- conditioning --------------------------------------------------------------------------
     @staticmethod
-    def text_mask_with_drop(ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
+    def text_mask_with_drop(ctx_BLY: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
                             drop_B: torch.Tensor | None) -> torch.Tensor | None:
         """Padding mask in which samples with drop_B=True see only position 0, where the
         cross-attention puts the learned null text (CFG)."""
         if drop_B is None:
             return ctx_mask_BL
-        B, L, _ = ctx_BLT.shape
+        B, L, _ = ctx_BLY.shape
         if ctx_mask_BL is None:
-            ctx_mask_BL = torch.ones(B, L, dtype=torch.bool, device=ctx_BLT.device)
-        null_mask_L = torch.arange(L, device=ctx_BLT.device) == 0
+            ctx_mask_BL = torch.ones(B, L, dtype=torch.bool, device=ctx_BLY.device)
+        null_mask_L = torch.arange(L, device=ctx_BLY.device) == 0
         return torch.where(drop_B.view(B, 1), null_mask_L, ctx_mask_BL)
 
     def routers(self) -> list:
         """The Router of every MoE layer, in depth order."""
         return [blk.ffn.router for blk in self.blocks if blk.is_moe]
 
-    def set_inference_routing(self, group: str, group_size: int | None = None,
-                              multiplier: float | None = None) -> None:
-        """Routing used in eval mode by every MoE layer: "tokens" (fixed G across the batch), "sample"
-        (capacity per image), "batch", or "dynamic" (per-expert thresholds, scaled by `multiplier`)."""
-        for router in self.routers():
-            router.set_inference_group(group, group_size, multiplier)
-
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, ctx_BLT: torch.Tensor,
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, ctx_BLY: torch.Tensor,
                 ctx_mask_BL: torch.Tensor | None = None, keep_idx_BK: torch.Tensor | None = None,
-                text_drop_B: torch.Tensor | None = None, collect_stats: bool = True) -> DiTOutput:
+                text_drop_B: torch.Tensor | None = None, collect_stats: bool = True,
+                routing: InferenceRouting | None = None) -> DiTOutput:
+        """Prediction for x_t [B, C, H, W] at times t_B with text ctx_BLY; `routing` is the MoE routing of
+        eval mode (None: the config's), its meter records every MoE layer's plan."""
         cfg = self.cfg
         x = self.patch_embed(patchify(x_BCHW, cfg.patch_size)) + self.pos_embed.to(x_BCHW.dtype)  # [B, S, D]
         if keep_idx_BK is not None:  # MaskDiT: keep only the sampled tokens
             x = torch.gather(x, 1, keep_idx_BK.unsqueeze(-1).expand(-1, -1, cfg.dim))  # [B, K, D]
         c = self.t_embed(t_B)  # [B, D]
-        text = TextCond(ctx_BLT, self.text_mask_with_drop(ctx_BLT, ctx_mask_BL, text_drop_B), text_drop_B,
+        text = TextCond(ctx_BLY, self.text_mask_with_drop(ctx_BLY, ctx_mask_BL, text_drop_B), text_drop_B,
                         self.null_text)
         aux = x.new_zeros((), dtype=torch.float32)
         stats: list[dict[str, torch.Tensor]] = []
+        meter = None if self.training or routing is None else routing.meter
         for blk in self.blocks:
-            x, plan = blk(x, c, text, collect_stats=collect_stats)
+            x, plan = blk(x, c, text, routing, collect_stats)
             if plan is not None:
+                if meter is not None:
+                    meter.record(len(stats), plan)
                 aux = aux + plan.aux_loss
                 stats.append(plan.stats)
-        out = self.final(x, c)  # [B, S', p*p*C]
+        out = self.final(x, c)  # [B, S or K, P]
         if keep_idx_BK is None:
             out = unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)
         return DiTOutput(out, aux, stats)

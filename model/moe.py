@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .routing import Router, RoutingPlan
+from .routing import InferenceRouting, Router, RoutingPlan
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -25,22 +25,22 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def grouped_mm(a_EXK: torch.Tensor, b_EKN: torch.Tensor) -> torch.Tensor:
-    """[E, X, K] @ [E, K, N] -> [E, X, N] through `torch._grouped_mm` (one grouped GEMM; every group has
+def grouped_mm(a_EXI: torch.Tensor, b_EIJ: torch.Tensor) -> torch.Tensor:
+    """[E, X, I] @ [E, I, J] -> [E, X, J] through `torch._grouped_mm` (one grouped GEMM; every group has
     X rows, so no offsets).
 
-    The op takes fp32 / bf16 / fp16 with 16-byte aligned strides (bf16: K and N multiples of 8); on CUDA
+    The op takes fp32 / bf16 / fp16 with 16-byte aligned strides (bf16: I and J multiples of 8); on CUDA
     its fast CUTLASS kernel needs bf16 on sm90 / sm100, other cases fall back to plain matmuls. It is
     not an autocast op: under autocast both operands are cast to the autocast dtype here, as bmm would
     be. Its compile-time (meta) kernel accepts bf16 only, so a compiled fp32 forward uses bmm (the same
     product). Its backward needs a gradient with real strides (the MoE combine's gate product gives
     one; a bare `.sum()` of the output does not)."""
-    dev = a_EXK.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a_EXK.dtype
-    a_EXK, b_EKN = a_EXK.to(dt), b_EKN.to(dt)
+    dev = a_EXI.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else a_EXI.dtype
+    a_EXI, b_EIJ = a_EXI.to(dt), b_EIJ.to(dt)
     if dt != torch.bfloat16 and torch.compiler.is_compiling():
-        return torch.bmm(a_EXK, b_EKN)
-    return torch._grouped_mm(a_EXK, b_EKN)
+        return torch.bmm(a_EXI, b_EIJ)
+    return torch._grouped_mm(a_EXI, b_EIJ)
 
 
 class GroupedExperts(nn.Module):
@@ -102,8 +102,9 @@ class LocalDispatcher:
 
 
 class MoEFeedForward(nn.Module):
-    """MoE replacement of the dense FFN. forward(h, router_in) with h the (normalised, modulated)
-    FFN input and router_in the router input x' (Eq. 4), both [B, S, D] -> (out [B, S, D], plan)."""
+    """MoE replacement of the dense FFN. forward(h, router_in, routing) with h the (normalised, modulated)
+    FFN input and router_in the router input x' (Eq. 4), both [B, S, D], and `routing` the eval-mode
+    InferenceRouting (None: the config's) -> (out [B, S, D], plan)."""
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, bias: bool = True):
         super().__init__()
@@ -112,9 +113,9 @@ class MoEFeedForward(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, hidden, bias, cfg.expert_matmul)
         self.dispatcher = LocalDispatcher()
 
-    def forward(self, h_BSD: torch.Tensor, router_in_BSD: torch.Tensor, collect_stats: bool = True
-                ) -> tuple[torch.Tensor, RoutingPlan]:
+    def forward(self, h_BSD: torch.Tensor, router_in_BSD: torch.Tensor, routing: InferenceRouting | None = None,
+                collect_stats: bool = True) -> tuple[torch.Tensor, RoutingPlan]:
         B, S, D = h_BSD.shape
-        plan = self.router(router_in_BSD, collect_stats=collect_stats)
+        plan = self.router(router_in_BSD, routing, collect_stats)
         out_TD = self.dispatcher(h_BSD.reshape(B * S, D), plan, self.experts)
         return out_TD.view(B, S, D), plan

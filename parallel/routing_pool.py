@@ -1,6 +1,7 @@
 """Routing pool across data-parallel ranks (DiffMoE's global token pool; synced expert thresholds).
 
-Installed on every Router from outside the model (`install_routing_pool`). `gather` all-gathers the
+Installed on every Router from outside the model (`install_routing_pool`), as parallel/ installs the
+expert-parallel dispatchers: `Router.pool` is that seam (model/routing.py: LocalPool). `gather` all-gathers the
 [T, E] routing scores, never the tokens: each rank then keeps its own tokens that reach the pool's
 cut-off (model/routing.py: global_expert_choice). `mean` averages the per-expert cut-offs so that every
 rank's threshold EMA stays identical. Every rank must hold the same number of tokens (equal local

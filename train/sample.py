@@ -28,6 +28,7 @@ From Python (e.g. periodic sample grids in the trainer):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -44,6 +45,7 @@ from model.config import INFERENCE_MODES, ConfigError, DiTConfig, config_from_di
 from model.dit import DiT, build_model
 from model.flops import sample_flops_per_image
 from model.flow import cfg_velocity, euler_sample, interpolate
+from model.routing import InferenceRouting, LoadMeter
 from train.checkpoint import STEP_PREFIX, exported_weights, load_exported, load_weights, saved_ema_names
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
 
@@ -68,49 +70,26 @@ def prompt_noise(seed: int, index: int, shape_CHW: Sequence[int]) -> torch.Tenso
     return torch.randn(tuple(shape_CHW), generator=g)
 
 
-ROUTING_MODES = INFERENCE_MODES  # tokens (the paper's G), sample (per image), batch, dynamic (thresholds)
-
-
 def _check_routing(routing: str, multiplier: float | None) -> None:
-    if routing not in ROUTING_MODES:
-        raise SampleError(f"routing={routing!r} must be one of {ROUTING_MODES}")
+    if routing not in INFERENCE_MODES:
+        raise SampleError(f"routing={routing!r} must be one of {INFERENCE_MODES}")
     if multiplier is not None and multiplier <= 0:
         raise SampleError(f"dynamic multiplier={multiplier} must be > 0")
 
 
 @contextmanager
-def inference_routing(model: DiT, routing: str, group_size: int | None = None, multiplier: float | None = None):
-    """Eval mode with the given MoE inference routing; the model's mode and routing are restored after."""
+def inference_routing(model: DiT, routing: str, group_size: int | None = None, multiplier: float | None = None,
+                      meter: LoadMeter | None = None):
+    """Eval mode; yields the model as a callable whose forwards route the MoE layers by `routing`
+    (InferenceRouting: tokens (the paper's G), sample (per image), batch, dynamic (thresholds)), with
+    `meter` recording their expert work. The model's train/eval mode is restored after."""
     _check_routing(routing, multiplier)
-    routers = model.routers()
-    saved = (model.training, [(r.inference_group, r.inference_group_size, r.dynamic_multiplier) for r in routers])
+    was_training = model.training
     model.eval()
-    model.set_inference_routing(routing, group_size, multiplier)
     try:
-        yield model
+        yield functools.partial(model, routing=InferenceRouting(routing, group_size, multiplier, meter))
     finally:
-        model.train(saved[0])
-        for r, (mode, size, mult) in zip(routers, saved[1]):
-            r.set_inference_group(mode, size, mult)
-
-
-@contextmanager
-def expert_load(model: DiT):
-    """Measure the expert work of eval forwards: yields a dict filled on exit with, per MoE layer,
-    experts_per_token (slots used / tokens; the useful compute) and slots_run_per_token (slots computed,
-    incl. the padding of dynamic plans and token choice's empty slots)."""
-    routers = model.routers()
-    for r in routers:
-        r.load_meter = []
-    result: dict[str, list[float]] = {}
-    try:
-        yield result
-    finally:
-        for r in routers:
-            run, used, tokens = (float(sum(v)) for v in zip(*r.load_meter)) if r.load_meter else (0, 0, 0)
-            result.setdefault("experts_per_token", []).append(used / max(1, tokens))
-            result.setdefault("slots_run_per_token", []).append(run / max(1, tokens))
-            r.load_meter = None
+        model.train(was_training)
 
 
 def _check_group_size(routing: str, group_size: int | None, batch_sizes: set[int], tokens: int) -> None:
@@ -131,7 +110,8 @@ def _check_group_size(routing: str, group_size: int | None, batch_sizes: set[int
 def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str], steps: int = 20,
                      guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
                      group_size: int | None = None, shift: float = 1.0,
-                     log: Callable[[str], None] | None = None, multiplier: float | None = None) -> torch.Tensor:
+                     log: Callable[[str], None] | None = None, multiplier: float | None = None,
+                     meter: LoadMeter | None = None) -> torch.Tensor:
     """Latents [N, C, h, w] (fp32, CPU) for `prompts` (see `generate`)."""
     _check_routing(routing, multiplier)
     if not prompts:
@@ -151,14 +131,14 @@ def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str],
     device, dtype = p.device, p.dtype
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     out: list[torch.Tensor] = []
-    with inference_routing(model, routing, group_size, multiplier):
+    with inference_routing(model, routing, group_size, multiplier, meter) as net:
         for start in range(0, N, batch_size):
             batch = list(prompts[start:start + batch_size])
             t0 = time.perf_counter()
             emb_BLD, mask_BL = text_encoder(batch)
             emb_BLD, mask_BL = emb_BLD.to(device, dtype), mask_BL.to(device)
             noise_BCHW = torch.stack([prompt_noise(seed, start + j, shape) for j in range(len(batch))])
-            x = euler_sample(cfg_velocity(model, emb_BLD, mask_BL, guidance), noise_BCHW.to(device, dtype),
+            x = euler_sample(cfg_velocity(net, emb_BLD, mask_BL, guidance), noise_BCHW.to(device, dtype),
                              steps, shift)
             out.append(x.float().cpu())
             if log is not None:
@@ -170,18 +150,19 @@ def generate_latents(model: DiT, text_encoder: Callable, prompts: Sequence[str],
 def generate(model: DiT, text_encoder: Callable, vae, prompts: Sequence[str], steps: int = 20,
              guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
              group_size: int | None = None, shift: float = 1.0,
-             log: Callable[[str], None] | None = None, multiplier: float | None = None) -> torch.Tensor:
+             log: Callable[[str], None] | None = None, multiplier: float | None = None,
+             meter: LoadMeter | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] (fp32, CPU) for `prompts`, with CFG scale `guidance` and
     `steps` Euler steps; prompt i starts from `prompt_noise(seed, i)`.
 
     text_encoder(captions) -> (emb [B, L, text_dim], mask [B, L]); vae.decode(latents) -> images.
     `routing` is the MoE inference routing ("sample": capacity per image, batch-independent; "tokens"
     with `group_size`, default the model's inference_group_size: the paper's; "batch"; "dynamic":
-    per-expert thresholds scaled by `multiplier`, batch-independent). The model's train/eval mode and
-    routing settings are restored afterwards.
+    per-expert thresholds scaled by `multiplier`, batch-independent); `meter` records the expert work.
+    The model's train/eval mode is restored afterwards.
     """
     latents = generate_latents(model, text_encoder, prompts, steps, guidance, seed, batch_size, routing,
-                               group_size, shift, log, multiplier)
+                               group_size, shift, log, multiplier, meter)
     return decode(vae, latents, batch_size)
 
 
@@ -199,13 +180,13 @@ def routing_maps(model: DiT, text_encoder: Callable, prompts: Sequence[str], lat
     """Per MoE layer, expert_count [N*S] (experts that took each token) of one conditional forward on
     the noised latents x_t = (1 - t) * latents + t * noise (noise of prompt i as in `generate`)."""
     p = next(model.parameters())
-    with inference_routing(model, routing, group_size, multiplier):
+    with inference_routing(model, routing, group_size, multiplier) as net:
         N = latents_NCHW.shape[0]
         emb_BLD, mask_BL = text_encoder(list(prompts))
         noise = torch.stack([prompt_noise(seed, i, latents_NCHW.shape[1:]) for i in range(N)])
         x_t = interpolate(latents_NCHW.float(), noise, torch.full((N,), float(t)))
-        out = model(x_t.to(p.device, p.dtype), torch.full((N,), float(t), device=p.device, dtype=p.dtype),
-                    emb_BLD.to(p.device, p.dtype), mask_BL.to(p.device), collect_stats=True)
+        out = net(x_t.to(p.device, p.dtype), torch.full((N,), float(t), device=p.device, dtype=p.dtype),
+                  emb_BLD.to(p.device, p.dtype), mask_BL.to(p.device), collect_stats=True)
     return [s["expert_count"].cpu() for s in out.moe_stats]
 
 
@@ -370,7 +351,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule (>1: more steps at high noise)")
     p.add_argument("--seed", type=int, default=0, help="noise of image i is seeded with (seed, i)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (x2 with CFG)")
-    p.add_argument("--routing", choices=ROUTING_MODES, default="sample",
+    p.add_argument("--routing", choices=INFERENCE_MODES, default="sample",
                    help="MoE inference routing: sample = capacity per image, dynamic = per-expert thresholds "
                         "(both batch-independent), tokens = groups of --group-size tokens across the batch")
     p.add_argument("--dynamic-multiplier", type=float, default=None,
@@ -468,10 +449,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[sample] {len(prompts)} prompts, text encoder {dcfg.text_encoder}, vae {dcfg.vae}, {args.steps} steps, "
           f"guidance {args.guidance}, routing {args.routing}, seed {args.seed}")
 
-    with expert_load(model) as load:
-        latents = generate_latents(model, text_encoder, prompts, args.steps, args.guidance, args.seed,
-                                   args.batch_size, args.routing, args.group_size, args.shift, log=print,
-                                   multiplier=args.dynamic_multiplier)
+    meter = LoadMeter(cfg.num_moe_blocks)
+    latents = generate_latents(model, text_encoder, prompts, args.steps, args.guidance, args.seed,
+                               args.batch_size, args.routing, args.group_size, args.shift, log=print,
+                               multiplier=args.dynamic_multiplier, meter=meter)
+    load = meter.summary()
     images = decode(vae, latents, args.batch_size)  # [N, 3, H, W]
 
     out = Path(args.out)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import ConfigError, MoEConfig, get_preset
-from model.routing import Router, _group_cutoff, expert_choice, global_expert_choice, selected_plan
+from model.routing import InferenceRouting, Router, expert_choice, global_expert_choice, group_cutoff, selected_plan
 
 from tests.model.helpers import tiny_batch, tiny_model
 
@@ -43,7 +43,7 @@ def test_capacity_predictor_learns_the_expert_choice_and_threshold_converges():
     assert r.weight.grad is None
     # While the predictor moves the EMA lags behind; with it fixed the EMA converges to the cut-off.
     with torch.no_grad():
-        cut = _group_cutoff(r.predictor(x.reshape(-1, D)).sigmoid(), 1, r.cfg.capacity(256))
+        cut = group_cutoff(r.predictor(x.reshape(-1, D)).sigmoid(), 1, r.cfg.capacity(256))
         before = (r.threshold_E - cut).abs().max()
         for _ in range(100):
             r(x)
@@ -66,8 +66,9 @@ def test_dynamic_takes_about_C_tokens_per_expert_at_neutral_multiplier(router):
     C = r.cfg.capacity(G)
     taken = {}
     for mult in (0.8, 1.0, 1.25):
-        r.set_inference_group("dynamic", multiplier=mult)
-        counts = [r(torch.randn(2, 128, D, generator=gen)).stats["tokens_per_expert"].mean() for _ in range(20)]
+        dynamic = InferenceRouting("dynamic", multiplier=mult)
+        counts = [r(torch.randn(2, 128, D, generator=gen), dynamic).stats["tokens_per_expert"].mean()
+                  for _ in range(20)]
         taken[mult] = float(torch.stack(counts).mean())
     assert abs(taken[1.0] - C) < 0.15 * C, (taken, C)
     assert taken[0.8] > taken[1.0] > taken[1.25]  # the multiplier trades tokens (FLOPs) for quality
@@ -82,19 +83,21 @@ def test_dynamic_inference_is_batch_independent(name):
             model(*tiny_batch(cfg, 4, seed=10 + seed))
     x, t, ctx, mask = tiny_batch(cfg, 4)
     model.eval()
-    model.set_inference_routing("dynamic")
+    dynamic = InferenceRouting("dynamic")
     with torch.no_grad():
-        full = model(x, t, ctx, mask).pred
-        alone = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], mask[i:i + 1]).pred for i in range(4)])
-        swapped = model(x.flip(0), t.flip(0), ctx.flip(0), mask.flip(0)).pred.flip(0)
+        full = model(x, t, ctx, mask, routing=dynamic).pred
+        alone = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], mask[i:i + 1], routing=dynamic).pred
+                           for i in range(4)])
+        swapped = model(x.flip(0), t.flip(0), ctx.flip(0), mask.flip(0), routing=dynamic).pred.flip(0)
     torch.testing.assert_close(alone, full, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(swapped, full, atol=1e-10, rtol=1e-9)
     # Whereas the paper's group routing mixes the images of a batch.
     if cfg.moe.router != "token_choice":
-        model.set_inference_routing("batch")
+        batch = InferenceRouting("batch")
         with torch.no_grad():
-            full_b = model(x, t, ctx, mask).pred
-            alone_b = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], mask[i:i + 1]).pred for i in range(4)])
+            full_b = model(x, t, ctx, mask, routing=batch).pred
+            alone_b = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], mask[i:i + 1], routing=batch).pred
+                                 for i in range(4)])
         assert (alone_b - full_b).abs().max() > 1e-6
 
 
@@ -102,9 +105,8 @@ def test_dynamic_needs_trained_thresholds():
     model, cfg = tiny_model("tiny-ec")
     x, t, ctx, mask = tiny_batch(cfg, 2)
     model.eval()
-    model.set_inference_routing("dynamic")
     with pytest.raises(RuntimeError, match="thresholds"):
-        model(x, t, ctx, mask)
+        model(x, t, ctx, mask, routing=InferenceRouting("dynamic"))
 
 
 def test_selected_plan_pads_to_the_busiest_expert_with_zero_gates():

@@ -8,6 +8,7 @@ from model.config import get_preset
 from model.dit import DiT, TextCond, build_model
 from model.flow import random_keep_indices
 from model.layers import patchify, unpatchify
+from model.routing import InferenceRouting
 
 from tests.model.helpers import tiny_batch, tiny_model
 
@@ -58,8 +59,9 @@ def test_token_groups_spanning_images_do_depend_on_the_batch():
     x2 = x.clone()
     x2[1:] = torch.randn_like(x2[1:])
     assert not torch.allclose(model(x2, t, ctx, mask).pred[:1], full[:1])
-    model.set_inference_routing("sample")
-    torch.testing.assert_close(model(x2, t, ctx, mask).pred[:1], model(x, t, ctx, mask).pred[:1])
+    sample = InferenceRouting("sample")
+    torch.testing.assert_close(model(x2, t, ctx, mask, routing=sample).pred[:1],
+                               model(x, t, ctx, mask, routing=sample).pred[:1])
 
 
 def test_text_padding_and_null_text():

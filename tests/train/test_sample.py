@@ -2,6 +2,7 @@
 batch-dependent with token groups spanning images, so the check means something); the CLI end to end
 on a DCP step checkpoint and on a safetensors export; one-line errors on bad input."""
 
+import functools
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ from PIL import Image
 
 from data.encoders import PixelVAE
 from model.flow import cfg_velocity, euler_sample
+from model.routing import InferenceRouting, LoadMeter
 from tests.model.helpers import tiny_model
 from tests.train.helpers import FakeText, save_tiny_checkpoints
-from train.sample import (SampleError, check_compatible, generate, load_model, main, noise_seed, prompt_noise,
-                          resolve_checkpoint, slug)
+from train.sample import (SampleError, check_compatible, generate, inference_routing, load_model, main, noise_seed,
+                          prompt_noise, resolve_checkpoint, slug)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow diamond", "three cyan circles"]
@@ -38,10 +40,10 @@ def _gen(model, prompts, **kw):
 
 def test_generate_equals_a_hand_rolled_cfg_euler_loop(tiny):
     model, cfg = tiny
-    model.set_inference_routing("sample")
     emb, mask = FakeText()(PROMPTS)
     noise = torch.stack([prompt_noise(7, i, (3, 8, 8)) for i in range(len(PROMPTS))]).double()
-    ref = euler_sample(cfg_velocity(model, emb.double(), mask, 3.0), noise, steps=4).clamp(-1, 1)
+    net = functools.partial(model, routing=InferenceRouting("sample"))
+    ref = euler_sample(cfg_velocity(net, emb.double(), mask, 3.0), noise, steps=4).clamp(-1, 1)
     out = _gen(model, PROMPTS, steps=4, guidance=3.0, seed=7)
     assert out.shape == (4, 3, 8, 8) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref.float(), rtol=0, atol=1e-6)
@@ -61,8 +63,6 @@ def test_noise_depends_only_on_seed_and_index():
 
 def test_sample_routing_is_batch_independent_and_token_groups_are_not(tiny):
     model, cfg = tiny
-    routers_before = [(b.ffn.router.inference_group, b.ffn.router.inference_group_size)
-                      for b in model.blocks if b.is_moe]
     full = _gen(model, PROMPTS, batch_size=4)
     for bs in (1, 3):
         torch.testing.assert_close(_gen(model, PROMPTS, batch_size=bs), full, rtol=0, atol=1e-6)
@@ -74,10 +74,8 @@ def test_sample_routing_is_batch_independent_and_token_groups_are_not(tiny):
     tok_alone = _gen(model, PROMPTS, batch_size=1, routing="tokens", group_size=64)
     assert (tok_full - tok_alone).abs().max() > 1e-3
     assert (tok_full - full).abs().max() > 1e-3
-    # the model's mode and routing settings are restored
+    # the model's mode is restored
     assert not model.training
-    assert [(b.ffn.router.inference_group, b.ffn.router.inference_group_size)
-            for b in model.blocks if b.is_moe] == routers_before
 
 
 @pytest.mark.parametrize("name", ["tiny-diffmoe", "tiny-ec"])
@@ -86,30 +84,32 @@ def test_dynamic_generation_is_batch_independent_metered_and_counted(name):
 
     from model.flops import sample_flops_per_image
     from tests.model.helpers import tiny_batch
-    from train.sample import expert_load
     model, cfg = tiny_model(name, in_channels=3)
     with torch.no_grad():  # thresholds from a few training-mode forwards
         for seed in range(3):
             model.train()(*tiny_batch(cfg, 4, seed=20 + seed))
     model.eval()
-    with expert_load(model) as load:
-        full = _gen(model, PROMPTS, routing="dynamic", batch_size=4)
+    meter = LoadMeter(cfg.num_moe_blocks)
+    full = _gen(model, PROMPTS, routing="dynamic", batch_size=4, meter=meter)
+    load = meter.summary()
     for bs in (1, 3):  # every image alone in its batch, or with others
         torch.testing.assert_close(_gen(model, PROMPTS, routing="dynamic", batch_size=bs), full, rtol=0, atol=1e-6)
     assert len(load["experts_per_token"]) == cfg.num_moe_blocks
     assert all(0 < e <= cfg.moe.num_experts for e in load["experts_per_token"])
     assert all(r >= e for r, e in zip(load["slots_run_per_token"], load["experts_per_token"]))
     # The multiplier trades tokens for FLOPs.
-    with expert_load(model) as fewer:
-        _gen(model, PROMPTS, routing="dynamic", multiplier=1.5)
+    meter = LoadMeter(cfg.num_moe_blocks)
+    _gen(model, PROMPTS, routing="dynamic", multiplier=1.5, meter=meter)
+    fewer = meter.summary()
     assert sum(fewer["experts_per_token"]) < sum(load["experts_per_token"])
     # One CFG step on one image: the FLOP formula with the measured slots equals what runs.
     emb, mask = FakeText()(PROMPTS[:1])
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    model.set_inference_routing("dynamic")
-    with expert_load(model) as one, FlopCounterMode(display=False) as fc, \
+    meter = LoadMeter(cfg.num_moe_blocks)
+    with inference_routing(model, "dynamic", meter=meter) as net, FlopCounterMode(display=False) as fc, \
             torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
-        cfg_velocity(model, emb.double(), mask, 4.0)(x, torch.full((1,), 0.5, dtype=torch.float64))
+        cfg_velocity(net, emb.double(), mask, 4.0)(x, torch.full((1,), 0.5, dtype=torch.float64))
+    one = meter.summary()
     assert sample_flops_per_image(cfg, "dynamic", one["slots_run_per_token"], text_len=8) == fc.get_total_flops()
 
 
