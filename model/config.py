@@ -324,7 +324,7 @@ def get_preset(name: str, **overrides) -> DiTConfig:
     """A validated copy of a named preset; `overrides` replace top-level fields (``moe`` may be a dict)."""
     key = name.lower()
     if key not in PRESETS:
-        raise ConfigError(f"model.preset={name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"model={name} is unknown; choose one of: {', '.join(PRESETS)}")
     cfg = dataclasses.replace(PRESETS[key])
     if cfg.moe is not None:
         cfg.moe = dataclasses.replace(cfg.moe)
