@@ -19,8 +19,9 @@ per group; token choice: the capacity), the all-to-all splits are equal and know
 split exchange and no device-to-host sync. This requires every rank of the group to route the same
 number of tokens (same local batch shape), which data-parallel training gives.
 
-This is the plain torch.distributed path (runs on CPU/gloo). The megatron-core dispatcher path is
-still to come (issue: distributed).
+This is the plain torch.distributed path (runs on CPU/gloo); parallel/megatron_dispatch.py plugs
+megatron-core's dispatchers into the same seam. Under DeepSpeed ZeRO (parallel/deepspeed.py) the experts
+stay plain per-rank parameters (`keep_local_experts`) and DeepSpeed reduces their gradients.
 """
 
 from __future__ import annotations
@@ -80,13 +81,18 @@ def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _GradScale.apply(x, scale)
 
 
-def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
-    """Replace the stacked expert weights by DTensors sharded over experts on `mesh`."""
+def _local_range(experts: GroupedExperts, mesh: DeviceMesh) -> tuple[int, int]:
+    """(first expert, number of experts) held by this rank of the 1-D expert-parallel `mesh`."""
     if experts.num_experts % mesh.size():
         raise ValueError(f"model.moe.num_experts={experts.num_experts} must be divisible by the "
                          f"expert-parallel size {mesh.size()}")
     local = experts.num_experts // mesh.size()
-    start = mesh.get_local_rank() * local
+    return mesh.get_local_rank() * local, local
+
+
+def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
+    """Replace the stacked expert weights by DTensors sharded over experts on `mesh`."""
+    start, local = _local_range(experts, mesh)
     for name, param in list(experts.named_parameters(recurse=False)):
         if isinstance(param, DTensor):
             continue
@@ -94,6 +100,14 @@ def shard_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
         # [r*local, (r+1)*local).
         shard = param.data.narrow(0, start, local).clone()
         experts.register_parameter(name, nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)))
+
+
+def keep_local_experts(experts: GroupedExperts, mesh: DeviceMesh) -> None:
+    """Replace the stacked expert weights by this rank's slice as plain parameters: rank r of the 1-D
+    expert-parallel `mesh` keeps experts [r*E_local, (r+1)*E_local)."""
+    start, local = _local_range(experts, mesh)
+    for name, param in list(experts.named_parameters(recurse=False)):
+        experts.register_parameter(name, nn.Parameter(param.data.narrow(0, start, local).clone()))
 
 
 def _scale_grad_of(out: torch.Tensor, scale: float) -> None:

@@ -2,9 +2,11 @@
 
 * `TorchBackend`: the model as parallelized by parallel/ (FSDP2 + expert parallelism, or plain
   replicas), torch optimizer + LambdaLR, EMA, DCP checkpoints (train/checkpoint.py).
-* `DeepSpeedBackend`: `deepspeed.initialize` with ZeRO 2/3 (parallel/deepspeed.py): DeepSpeed owns the
-  optimizer (AdamW), the warmup schedule, gradient clipping and accumulation, and its checkpoints
-  (published when meta.json is written, last). No EMA.
+* `DeepSpeedBackend`: `deepspeed.initialize` with ZeRO 2/3 (parallel/deepspeed.py; ZeRO-2 also with
+  expert parallelism): DeepSpeed owns the optimizer (AdamW), the warmup schedule, gradient clipping and
+  accumulation (one DeepSpeed step per trainer step, skipped when a micro-batch was non-finite), and its
+  checkpoints (published when meta.json is written, last); the EMA (ZeRO-2 only) is kept here, updated
+  like the torch engine's and saved with DeepSpeed's checkpoint.
 
 Both keep the per-rank JSON train state (RNG, data position) and config.json / meta.json in the
 checkpoint directory, so resume works the same way.
@@ -26,6 +28,10 @@ from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_b
                          saved_ema_names, saved_train_states)
 
 
+EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the full weights the EMA follows; "
+                    "use parallel.zero_stage=2 or train.ema_decay=0")
+
+
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR schedule of both engines (DeepSpeed is handed this scheduler): update k (1, 2, ...) uses
     lr * k / warmup_steps during the warmup, then lr (constant) or a cosine from lr towards min_lr_ratio * lr
@@ -41,6 +47,13 @@ def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.opti
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], named_params, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, for every (name, param)."""
+    for n, p in named_params:
+        ema[n].lerp_(p.detach().to(ema[n].dtype), 1 - decay)
 
 
 def last_update_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
@@ -63,9 +76,10 @@ class TorchBackend:
         if isinstance(self.net, Replicated):
             self.net.set_requires_gradient_sync(enabled)
 
-    def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
+    def micro_step(self, loss: torch.Tensor, accum: int) -> torch.Tensor:
+        """Backward of this micro-batch's share; whether its loss is finite (a bool tensor)."""
         (loss / accum).backward()
-        return True
+        return torch.isfinite(loss.detach())
 
     def clip_grads(self) -> torch.Tensor:
         """Clip the accumulated (data-parallel reduced) gradients; their global norm, not read."""
@@ -75,9 +89,7 @@ class TorchBackend:
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
-            with torch.no_grad():
-                for n, p in self.net.named_parameters():
-                    self.ema[n].lerp_(p.detach(), 1 - ema_decay)
+            ema_update(self.ema, self.net.named_parameters(), ema_decay)
 
     def lr(self) -> float:
         return last_update_lr(self.sched)
@@ -119,11 +131,18 @@ def deepspeed_config(cfg, pcfg, precision_bf16: bool) -> dict:
 
 
 class DeepSpeedBackend:
-    def __init__(self, model, conf: dict, root: Path, keep_last: int, schedule):
-        """`schedule(optimizer) -> LR scheduler`: DeepSpeed steps it after every update and checkpoints it."""
+    def __init__(self, model, conf: dict, root: Path, keep_last: int, schedule, ema: bool = False):
+        """`schedule(optimizer) -> LR scheduler`: DeepSpeed steps it after every update and checkpoints it.
+        `ema`: keep an EMA of the parameters (ZeRO-2: every rank holds its full dense parameters and its
+        experts)."""
         from parallel.deepspeed import build_engine
+        stage = conf["zero_optimization"]["stage"]
+        if ema and stage == 3:
+            raise ValueError(f"train.ema_decay > 0 with parallel.zero_stage=3: {EMA_ZERO3_REASON}")
         self.engine = build_engine(model, conf, lr_scheduler=schedule)
         self.net = self.engine
+        self.ema = ({n: p.detach().float().clone() for n, p in self.engine.module.named_parameters()}
+                    if ema else None)
         self.root, self.keep_last = root, keep_last
         self.bf16 = self.engine.bfloat16_enabled()
         if dist_rank() == 0:
@@ -135,17 +154,10 @@ class DeepSpeedBackend:
     def sync_grads(self, enabled: bool) -> None:
         pass  # DeepSpeed reduces at its accumulation boundary
 
-    def micro_step(self, loss: torch.Tensor, accum: int) -> bool:
-        """DeepSpeed needs backward + step per micro-batch. A non-finite micro-batch (on any rank) is
-        skipped entirely, so it neither counts towards accumulation nor corrupts the gradients."""
-        finite = torch.isfinite(loss.detach()).float()
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            return False
-        self.engine.backward(loss)
-        self.engine.step()
-        return True
+    def micro_step(self, loss: torch.Tensor, accum: int) -> torch.Tensor:
+        """parallel/deepspeed.py micro_step (DeepSpeed scales by its own accumulation count)."""
+        from parallel.deepspeed import micro_step
+        return micro_step(self.engine, loss)
 
     def clip_grads(self) -> torch.Tensor:
         """The global gradient norm of the last update (DeepSpeed clipped inside its step)."""
@@ -153,7 +165,9 @@ class DeepSpeedBackend:
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
     def apply(self, ema_decay: float) -> None:
-        pass  # DeepSpeed stepped at its accumulation boundary (micro_step)
+        """DeepSpeed stepped at its accumulation boundary (micro_step); the EMA follows the new weights."""
+        if self.ema is not None:
+            ema_update(self.ema, self.engine.module.named_parameters(), ema_decay)
 
     def lr(self) -> float:
         return last_update_lr(self.engine.lr_scheduler)
@@ -165,7 +179,7 @@ class DeepSpeedBackend:
     def save(self, step: int, train_state: dict, config: dict) -> None:
         from parallel.deepspeed import save
         tag = f"{STEP_PREFIX}{step:08d}"
-        save(self.engine, self.root, tag)
+        save(self.engine, self.root, tag, ema=self.ema)
         (self.root / tag / "train").mkdir(parents=True, exist_ok=True)
         (self.root / tag / "train" / f"rank{dist_rank():05d}.json").write_text(json.dumps(train_state))
         dist_barrier()
@@ -178,8 +192,11 @@ class DeepSpeedBackend:
         dist_barrier()
 
     def load(self, path: Path) -> dict | None:
+        """Model, optimizer, schedule and EMA (an EMA switched on at this resume starts from the loaded
+        weights); this rank's train state, or None when saved at another world size."""
+        from parallel.deepspeed import load
         path = Path(path)
-        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        load(self.engine, path.parent, path.name, ema=self.ema)
         meta = json.loads((path / "meta.json").read_text())
         rank_file = path / "train" / f"rank{dist_rank():05d}.json"
         if meta["world_size"] != dist_world() or not rank_file.is_file():
@@ -190,4 +207,4 @@ class DeepSpeedBackend:
         pass
 
 
-__all__ = ["TorchBackend", "DeepSpeedBackend", "deepspeed_config"]
+__all__ = ["TorchBackend", "DeepSpeedBackend", "deepspeed_config", "ema_update", "EMA_ZERO3_REASON"]

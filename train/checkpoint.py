@@ -210,10 +210,19 @@ EMA_KEY = "ema"  # the `extra` dict under which the torch engine saves the EMA o
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, torch.compile
 
 
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A step checkpoint written by the DeepSpeed engine (train/backends.py DeepSpeedBackend)."""
+    meta = Path(path) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("engine") == "deepspeed"
+
+
 def saved_ema_names(path: str | Path) -> dict[str, str]:
-    """{parameter FQN: saved key} of the EMA tensors a DCP step checkpoint holds; empty when it has none
-    (train.ema_decay=0, or a DeepSpeed checkpoint). The trainer keys the EMA by the parallelized model's
-    parameter names, so wrapper prefixes are dropped here."""
+    """{parameter FQN: saved key} of the EMA tensors a step checkpoint holds; empty when it has none
+    (train.ema_decay=0). The trainer keys the EMA by the parallelized model's parameter names, so wrapper
+    prefixes are dropped here."""
+    if is_deepspeed_checkpoint(path):
+        from parallel.deepspeed import saved_ema_names as deepspeed_ema_names
+        return deepspeed_ema_names(path)
     if not (Path(path) / ".metadata").is_file():
         return {}
     keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -236,6 +245,10 @@ def load_weights(path: str | Path, model: DiT, ema: bool) -> None:
     thresholds (`threshold_E`: an EMA, decay model.moe.threshold_decay, of the raw weights' training-time
     cut-off scores; no EMA-weight counterpart is saved) and the fixed `pos_embed`."""
     path = Path(path)
+    if is_deepspeed_checkpoint(path):  # parallel/deepspeed.py full_state_dict: the same weights and buffers
+        from parallel.deepspeed import load_fp32_weights
+        load_fp32_weights(model, path.parent, path.name, ema=ema)
+        return
     params = dict(model.named_parameters())
     state = {"model": get_model_state_dict(model)}
     if ema:

@@ -26,6 +26,7 @@ from model.flow import flow_loss
 from parallel.mesh import build_mesh
 from parallel.compile import compile_blocks
 from parallel.parallelize import parallelize
+from parallel.replicas import diverged
 from parallel.routing_pool import install_routing_pool
 
 from .backends import DeepSpeedBackend, TorchBackend, deepspeed_config, lr_schedule
@@ -159,7 +160,13 @@ def _build(mcfg, pcfg, tc, world, device) -> DiT:
 
 def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
     if pcfg.engine == "deepspeed":  # DeepSpeed shards (ZeRO) inside deepspeed.initialize
-        return build_model(mcfg, device=device, seed=tc.seed)
+        model = build_model(mcfg, device=device, seed=tc.seed)
+        if pcfg.ep > 1:
+            from parallel.deepspeed import apply_expert_parallel_zero
+            from parallel.parallelize import make_dispatcher_factory
+            apply_expert_parallel_zero(model, build_mesh(pcfg, world, device.type)["ep"], pcfg.zero_stage,
+                                       make_dispatcher_factory(pcfg.dispatcher))
+        return model
     mesh = build_mesh(pcfg, world, device.type) if world > 1 else None
     if tc.meta_init:
         with torch.device("meta"):
@@ -191,10 +198,9 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     model = _build(mcfg, pcfg, tc, world, device)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     if pcfg.engine == "deepspeed":
-        if tc.ema_decay > 0:
-            _log0("train.ema_decay is ignored with parallel.engine=deepspeed (no EMA)")
         backend = DeepSpeedBackend(model, deepspeed_config(cfg, pcfg, use_bf16), run_dir / "checkpoints",
-                                   tc.keep_last, schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps))
+                                   tc.keep_last, schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps),
+                                   ema=tc.ema_decay > 0)
         autocast = nullcontext()  # DeepSpeed casts the module itself (bf16 config)
     else:
         opt = _optimizer(model, cfg.optim)
@@ -264,9 +270,8 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
             mask = batch["text_mask"].to(device)
             with autocast:
                 out = flow_loss(net, x0, ctx, mask, cfg.flow, generator=flow_gen, collect_stats=logging_step)
-            if not backend.micro_step(out["loss"], tc.grad_accum):
-                loss_sum += float("nan")  # DeepSpeed skipped this micro-batch
-            loss_sum += out["flow_loss"].float() / tc.grad_accum
+            finite = backend.micro_step(out["loss"], tc.grad_accum)  # a non-finite one makes the step skipped
+            loss_sum += torch.where(finite, out["flow_loss"].float(), float("nan")) / tc.grad_accum
             stats = out["out"].moe_stats
         moe_names, moe_values = moe_scalar_tensors(stats) if logging_step else ([], torch.zeros(0))
         counts = _data_counts(loader, device) if logging_step else torch.zeros(0)
@@ -313,6 +318,8 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
     if last_saved != state.step:
         save(state)
         backend.wait()
+    if tc.check_replicas:
+        _check_replicas(net)
     summary = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"), "step": state.step,
                "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
                "stopped_by_signal": signals.received is not None,
@@ -321,6 +328,17 @@ def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) 
         summary.update(_sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
     metrics.close()
     return summary
+
+
+def _check_replicas(net: torch.nn.Module) -> None:
+    """Stop with the names of the replicated tensors whose copies differ between ranks (a wrong gradient
+    reduction); log that they agree otherwise."""
+    bad = diverged(net)
+    if bad:
+        raise StopTraining(f"{len(bad)} replicated weights or buffers differ between ranks (first: {bad[0]}): "
+                           f"the ranks trained apart; the checkpoints of this run keep one copy only")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _log0("replicas: every copy of every replicated weight and buffer is identical across ranks")
 
 
 def _data_counts(loader, device: torch.device) -> torch.Tensor:

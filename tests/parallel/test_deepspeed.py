@@ -65,6 +65,15 @@ def _reference(steps):
     return losses, _weights(model.state_dict())
 
 
+def _micro_step(engine, x, ctx, mask, g):
+    """The trainer's DeepSpeed micro-step (parallel/deepspeed.py micro_step) on one batch; its loss."""
+    from model.flow import FlowConfig, flow_loss
+    from parallel.deepspeed import micro_step
+    loss = flow_loss(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"]
+    assert micro_step(engine, loss)
+    return loss.detach().clone()
+
+
 def _init(rank, world, init_file):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -91,14 +100,13 @@ def _train_dp2(rank, tmp, stages):
 
 def _train_dp2_stage(rank, tmp, stage):
     os.makedirs(tmp, exist_ok=True)
-    from model.flow import FlowConfig
-    from parallel.deepspeed import build_engine, ds_config, save, train_step
+    from parallel.deepspeed import build_engine, ds_config, save
     model, cfg = _model()
     engine = build_engine(model, ds_config(stage, micro_batch=MICRO, lr=LR, eps=EPS, grad_clip=CLIP))
     losses = []
     for step in range(STEPS):
         x, ctx, mask, g = _batch(cfg, rank, step)
-        loss = train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].clone()
+        loss = _micro_step(engine, x, ctx, mask, g)
         dist.all_reduce(loss)
         losses.append(loss.item() / WORLD)
     save(engine, f"{tmp}/ckpt", tag="step3")
@@ -119,8 +127,7 @@ def _resume_dp1(rank, tmp, stages):
 
 
 def _resume_dp1_stage(tmp, stage):
-    from model.flow import FlowConfig
-    from parallel.deepspeed import build_engine, ds_config, train_step
+    from parallel.deepspeed import build_engine, ds_config
     model, cfg = _model()
     torch.nn.init.zeros_(next(model.parameters()))  # loaded weights must come from the checkpoint
     engine = build_engine(model, ds_config(stage, micro_batch=MICRO, grad_accum=WORLD, lr=LR, eps=EPS,
@@ -130,7 +137,7 @@ def _resume_dp1_stage(tmp, stage):
     loss = 0.0
     for r in range(WORLD):  # the two DP-2 ranks' batches as two accumulation micro-steps
         x, ctx, mask, g = _batch(cfg, r, STEPS)
-        loss += train_step(engine, x, ctx, mask, FlowConfig(), generator=g)["loss"].item() / WORLD
+        loss += _micro_step(engine, x, ctx, mask, g).item() / WORLD
     torch.save({"loss": loss, "weights": _full_weights(engine, stage)}, f"{tmp}/dp1_step4.pt")
 
 
