@@ -89,6 +89,9 @@ class TrainCfg:
     wandb_mode: str = "offline"  # offline | online | disabled
     threads: int = 0  # torch threads per process (0: cores / processes on this node)
     compile: bool = False  # torch.compile each DiT block (parallel/compile.py; fsdp engine only)
+    # At the end of the run, check that every copy of a replicated weight or buffer is identical on the
+    # ranks that hold one (parallel/replicas.py; one all-gather of 3 numbers per tensor); stop if not.
+    check_replicas: bool = True
 
 
 @dataclass
