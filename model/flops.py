@@ -2,7 +2,7 @@
 
 Counted: patch and timestep embedders, adaLN projections, self-attention (GQA projections + scores
 and values), cross-attention (with the text length), dense FFNs, routers and the expert slots that
-run (expert choice: E*C per group, i.e. f_c per token; token choice: all capacity slots, used or
+run (expert choice: E*Q per group, i.e. f_c per token; token choice: all capacity slots, used or
 not), DiffMoE's capacity predictor, and the final layer. Elementwise work (norms, softmax, GeLU,
 gathers) is not counted, as usual for MFU. Backward = 2x forward, except layers whose input needs no gradient (the patch embedding, the
 timestep MLP's first layer, the text key/value projections: frozen text encoder), which compute only

@@ -49,7 +49,7 @@ def random_keep_indices(batch: int, num_tokens: int, keep: int, generator: torch
     return scores.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
-def flow_loss(model, x0_BCHW: torch.Tensor, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
+def flow_loss(model, x0_BCHW: torch.Tensor, ctx_BLY: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
               cfg: FlowConfig, mask_tokens: bool = True, generator: torch.Generator | None = None,
               collect_stats: bool = True) -> dict:
     """Masked rectified-flow loss: mean squared velocity error over the kept tokens (all tokens if
@@ -69,7 +69,7 @@ def flow_loss(model, x0_BCHW: torch.Tensor, ctx_BLT: torch.Tensor, ctx_mask_BL: 
     keep = None
     if mask_tokens and mcfg.mask_ratio > 0:
         keep = random_keep_indices(B, mcfg.num_tokens, mcfg.kept_tokens, generator, device=dev)
-    out = model(x_t, t, ctx_BLT, ctx_mask_BL, keep_idx_BK=keep, text_drop_B=drop, collect_stats=collect_stats)
+    out = model(x_t, t, ctx_BLY, ctx_mask_BL, keep_idx_BK=keep, text_drop_B=drop, collect_stats=collect_stats)
     if keep is None:
         err = (out.pred.float() - target.float()).pow(2)
     else:
@@ -84,7 +84,7 @@ def flow_loss(model, x0_BCHW: torch.Tensor, ctx_BLT: torch.Tensor, ctx_mask_BL: 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], t [B]) -> v
 
 
-def cfg_velocity(model, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None, guidance: float) -> VelocityFn:
+def cfg_velocity(model, ctx_BLY: torch.Tensor, ctx_mask_BL: torch.Tensor | None, guidance: float) -> VelocityFn:
     """Velocity with classifier-free guidance: v_u + s * (v_c - v_u). Conditional and unconditional
     (null text) predictions run as one batch of 2B; guidance 0 = unconditional."""
 
@@ -92,7 +92,7 @@ def cfg_velocity(model, ctx_BLT: torch.Tensor, ctx_mask_BL: torch.Tensor | None,
         B = x.shape[0]
         drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
         mask = None if ctx_mask_BL is None else torch.cat([ctx_mask_BL, ctx_mask_BL])
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx_BLT, ctx_BLT]), mask,
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx_BLY, ctx_BLY]), mask,
                   text_drop_B=drop, collect_stats=False).pred
         v_c, v_u = v[:B], v[B:]
         return v_u + guidance * (v_c - v_u)

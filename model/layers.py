@@ -37,8 +37,8 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_TD), approximate="tanh"))
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_BSD), approximate="tanh"))
 
     def init_weights(self) -> None:
         xavier_linear_(self.fc1)
@@ -106,14 +106,14 @@ def sincos_pos_embed_2d(dim: int, grid: int, device=None) -> torch.Tensor:
 
 
 def patchify(x_BCHW: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, S, p*p*C] with S = (H/p)*(W/p) in row-major order."""
+    """[B, C, H, W] -> [B, S, P] (P = p*p*C) with S = (H/p)*(W/p) in row-major order."""
     B, C, H, W = x_BCHW.shape
     x = x_BCHW.reshape(B, C, H // p, p, W // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def unpatchify(x_BSP: torch.Tensor, p: int, channels: int, grid: int) -> torch.Tensor:
-    """Inverse of `patchify` for a square grid: [B, S, p*p*C] -> [B, C, grid*p, grid*p]."""
+    """Inverse of `patchify` for a square grid: [B, S, P] -> [B, C, grid*p, grid*p]."""
     B = x_BSP.shape[0]
     x = x_BSP.reshape(B, grid, grid, p, p, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, grid * p, grid * p)

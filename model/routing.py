@@ -118,7 +118,7 @@ def token_choice(probs_TE: torch.Tensor, groups: int, top_k: int, capacity: int
     choices, ...); an assignment beyond the expert's capacity is dropped. A token whose assignments
     are all dropped gets a zero MoE output and passes through the residual unchanged.
 
-    Returns idx_EX, gate_EX, valid_EX ([E, groups*capacity]) and keep_TA ([T, k] bool, assignment kept).
+    Returns idx_EX, gate_EX, valid_EX ([E, groups*capacity]) and keep_TA ([T, A] bool, assignment kept).
     """
     T, E = probs_TE.shape
     G = T // groups
@@ -140,8 +140,8 @@ def token_choice(probs_TE: torch.Tensor, groups: int, top_k: int, capacity: int
     valid = torch.zeros(groups, n_slots, dtype=torch.bool, device=probs_TE.device)
     valid.scatter_(1, slot_NAG.reshape(groups, -1), True)
 
-    def to_EX(t_NS: torch.Tensor) -> torch.Tensor:
-        return t_NS[:, :-1].reshape(groups, E, capacity).transpose(0, 1).reshape(E, groups * capacity)
+    def to_EX(table: torch.Tensor) -> torch.Tensor:  # [N, E*Q + 1] slot table, trash column last
+        return table[:, :-1].reshape(groups, E, capacity).transpose(0, 1).reshape(E, groups * capacity)
 
     keep_TA = keep_NAG.transpose(1, 2).reshape(T, top_k)
     return to_EX(idx), to_EX(gate), to_EX(valid), keep_TA
@@ -436,7 +436,7 @@ class Router(nn.Module):
         gate_EX, valid_EX, the pool's score cut-off [E], the pool capacity and the overflow fraction (local
         tokens past the cut-off beyond the static slots)."""
         cfg, T, E = self.cfg, probs_TE.shape[0], self.cfg.num_experts
-        pooled = self.pool.gather(torch.cat([probs_TE.detach(), score_TE], dim=1))  # [W*T, 2E]
+        pooled = self.pool.gather(torch.cat([probs_TE.detach(), score_TE], dim=1))  # [world * T, 2E]
         cap = cfg.capacity(pooled.shape[0])
         slots = min(T, math.ceil(cfg.pool_slack * cfg.capacity(T)))
         idx, gate, valid, cut_E = global_expert_choice(probs_TE, pooled[:, :E], cap, slots)

@@ -9,8 +9,8 @@ Per MoE layer and step:
      (expert choice: a token goes to 0..E experts; token choice: dropped assignments are absent);
   2. megatron's `dispatch_preprocess -> token_dispatch -> dispatch_postprocess` returns this rank's
      tokens sorted by local expert, tokens_per_expert and the permuted probs;
-  3. our `GroupedExperts` run as ONE batched matmul over [E_local, n, D]: expert choice gives every
-     local expert exactly n = ep * X tokens (a reshape); token choice gives uneven counts bounded by
+  3. our `GroupedExperts` run as ONE batched matmul over [E_local, ep * X, D]: expert choice gives every
+     local expert exactly ep * X tokens (a reshape); token choice gives uneven counts bounded by
      the capacity ep * X, so the rows are scattered into a zero-padded [E_local, ep * X, D] buffer
      (static shape, no Python loop over experts) and gathered back after the experts;
   4. the caller applies the gates (megatron hands back permuted probs), then
@@ -190,19 +190,19 @@ class MegatronDispatcher(LocalDispatcher):
         map_TE, probs_TE = routing_map_from_plan(plan)
         h, p = disp.dispatch_preprocess(x_TD, map_TE, probs_TE.to(x_TD.dtype))
         h, p = disp.token_dispatch(h, p)
-        h_ND, tokens_per_expert, p_N = disp.dispatch_postprocess(h, p)  # sorted by local expert
+        h_RD, tokens_per_expert, p_R = disp.dispatch_postprocess(h, p)  # R rows sorted by local expert
         cap = ep * X  # most tokens a local expert can receive: X slots from each of the ep ranks
         if plan.valid_EX is None:  # expert choice: exactly cap tokens per local expert
-            y_ND = experts(h_ND.view(local, cap, D)).view(-1, D)
+            y_RD = experts(h_RD.view(local, cap, D)).view(-1, D)
         else:  # token choice: uneven counts <= cap; zero-padded [local, cap, D], one batched matmul
             counts = torch.as_tensor(tokens_per_expert, device="cpu").long()
             start = torch.cumsum(counts, 0) - counts
-            e_N = torch.repeat_interleave(torch.arange(local), counts)
-            row_N = (e_N * cap + torch.arange(int(counts.sum())) - start[e_N]).to(x_TD.device)
-            buf = h_ND.new_zeros(local * cap, D).index_copy(0, row_N, h_ND)
-            y_ND = experts(buf.view(local, cap, D)).view(local * cap, D).index_select(0, row_N)
-        y_ND = y_ND * p_N.to(y_ND.dtype).unsqueeze(-1)  # megatron leaves the gates to the caller
-        out = disp.combine_preprocess(y_ND)
+            e_R = torch.repeat_interleave(torch.arange(local), counts)
+            row_R = (e_R * cap + torch.arange(int(counts.sum())) - start[e_R]).to(x_TD.device)
+            buf = h_RD.new_zeros(local * cap, D).index_copy(0, row_R, h_RD)
+            y_RD = experts(buf.view(local, cap, D)).view(local * cap, D).index_select(0, row_R)
+        y_RD = y_RD * p_R.to(y_RD.dtype).unsqueeze(-1)  # megatron leaves the gates to the caller
+        out = disp.combine_preprocess(y_RD)
         out = disp.token_combine(out)
         return disp.combine_postprocess(out).view(T, D)
 
