@@ -59,17 +59,11 @@ def cells() -> list[Cell]:
 
 def refusal(cell: Cell, shards: dict[str, str], world: int = 2) -> str | None:
     """The one-line message validation refuses `cell` with (before any process group), or None."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from model.config import ConfigError
-    from train.config import register, validate_app
+    from train.config import compose_app, validate_app
 
-    register()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("config", overrides=cell.overrides(shards)))
-        validate_app(cfg, world)
+        validate_app(compose_app(cell.overrides(shards)), world)
     except ConfigError as e:
         return str(e)
     return None

@@ -112,6 +112,18 @@ def register() -> None:
         cs.store(group="model", name=name, node=model_spec(name))
 
 
+def compose_app(overrides: list[str]) -> AppConfig:
+    """The AppConfig that `python -m train <overrides>` trains (Hydra's compose API over conf/; no run
+    directory, no logging set-up): for tools and tests that validate configs in process."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register()
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
 def resolve_model(spec: ModelSpec, dcfg: DataConfig) -> DiTConfig:
     """The network's config: the chosen preset with its overrides, shaped by the data."""
     shapes = data_shapes(dcfg)

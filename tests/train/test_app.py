@@ -134,6 +134,29 @@ def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.heads=5", "model.heads=5 must divide model.dim=192"),
+    ("model.moe.router=hash", "model.moe.router='hash' must be one of"),
+    ("model.moe.capacity_factor=0", "model.moe.capacity_factor=0.0 must be in (0, num_experts=8]"),
+    ("model.mask_ratio=1.0", "model.mask_ratio=1.0 must be in [0, 1)"),
+    ("data.vae=vqgan", "data.vae='vqgan' must be one of ('pixel', 'kl')"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0 must be in [0, 1]"),
+    ("flow.t_std=0", "flow.t_std=0.0 must be > 0"),
+    ("parallel.zero_stage=1", "parallel.zero_stage=1 must be 2 or 3"),
+    ("parallel.dispatcher=nccl", "parallel.dispatcher='nccl' must be one of"),
+    ("optim.schedule=linear", "optim.schedule='linear' must be 'constant' or 'cosine'"),
+    ("train.precision=fp8", "train.precision='fp8' must be auto, fp32 or bf16"),
+    ("train.ema_decay=1", "train.ema_decay=1.0 must be in [0, 1)"),
+])
+def test_bad_values_are_one_config_error_naming_the_field(override, message):
+    from model.config import ConfigError
+    from train.config import compose_app, validate_app
+    with pytest.raises(ConfigError) as err:
+        validate_app(compose_app([override]), 1)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert err.value.field == override.split("=")[0]
+
+
 @pytest.mark.parametrize("parallel, world, message", [
     (dict(engine="deepspeed"), 1, "train.compile=true needs parallel.engine=fsdp"),
     (dict(ep=2, dispatcher="megatron_alltoall"), 2, "train.compile=true needs parallel.dispatcher=alltoall"),
