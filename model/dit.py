@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
@@ -80,8 +81,11 @@ class FinalLayer(nn.Module):
         self.proj = nn.Linear(dim, patch_dim)
 
     def forward(self, x_BSD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
+        """[B, S, P]. The bias is added out of place, so the result is not a view of the 2-D matmul: it is the
+        model's output, on which FSDP2 registers its pre-backward hook (an in-place op on a view drops it)."""
         shift, scale = self.adaln(c_BD)
-        return self.proj(modulate(layer_norm(x_BSD), shift, scale))
+        out_BSP = F.linear(modulate(layer_norm(x_BSD), shift, scale), self.proj.weight)
+        return out_BSP + self.proj.bias.to(out_BSP.dtype)
 
     def init_weights(self) -> None:
         nn.init.zeros_(self.proj.weight)

@@ -130,3 +130,13 @@ def test_bf16_autocast_matches_fp32_and_trains(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     router = model.blocks[1].ffn.router.weight
     assert router.grad.dtype == torch.float32 and router.grad.abs().sum() > 0
+
+
+def test_training_prediction_is_not_a_view():
+    """FSDP2 hooks the root module's outputs for backward; an in-place op on a view output would drop the hook."""
+    from model.config import get_preset
+    from model.dit import build_model
+    model = build_model(get_preset("tiny-ec"), seed=0)
+    keep_BK = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
+    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 8, 32), keep_idx_BK=keep_BK)
+    assert out.pred.shape == (2, 8, 16) and out.pred._base is None
