@@ -21,8 +21,11 @@ pytestmark = pytest.mark.distributed
 
 EP, STEPS, MICRO, LR, CLIP, DECAY = 2, 4, 2, 1e-2, 1.0, 0.7
 EPS = 0.1  # Adam's eps: the update depends on the gradient's scale (see test_deepspeed.py)
-LOSS_TOL = dict(rtol=2e-6, atol=1e-7)  # float32; measured: see the report in the test names' asserts
-WEIGHT_TOL = dict(rtol=1e-5, atol=1e-7)
+# float32. Measured (2 and 4 processes, both dispatchers): losses and gradient norms within 1.2e-7
+# relative, weights within 3e-8 absolute.
+LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
+NORM_RTOL = 1e-6
+WEIGHT_TOL = dict(rtol=1e-6, atol=1e-7)
 SKIP = ("threshold_E", "threshold_updates")  # routers' EMA statistics of observed cut-offs, not weights
 
 
@@ -165,7 +168,7 @@ def _run_parity(tmp_path, world, dispatcher, resume=False):
     torch.testing.assert_close(torch.tensor(runs[0]["losses"], dtype=torch.float64),
                                torch.tensor(ref_losses[:n], dtype=torch.float64), **LOSS_TOL)
     # The global gradient norm DeepSpeed clips with is the one-process norm (dense and expert parts).
-    assert runs[0]["norms"] == pytest.approx(ref_norms[:n], rel=1e-5)
+    assert runs[0]["norms"] == pytest.approx(ref_norms[:n], rel=NORM_RTOL)
     assert ref_norms[0] > CLIP  # clipping is active
     for r, run in enumerate(runs):
         state = run["states"][2]  # after 3 steps
