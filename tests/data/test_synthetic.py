@@ -121,6 +121,31 @@ def test_scorer_high_on_ground_truth_low_on_shuffled(samples):
     assert wrong["overall"] <= 0.2, wrong
 
 
+def test_attribute_credit_is_full_on_ground_truth_and_chance_on_shuffled_captions(samples):
+    images, prompts = [s[0] for s in samples], [s[2] for s in samples]
+    truth = scorer.score_batch(images, prompts)
+    assert truth["partial_overall"] >= 0.98 and min(truth["attributes"].values()) >= 0.97, truth["attributes"]
+    assert set(truth["attributes"]) == set(scorer.ATTRIBUTES)
+    shuffled = scorer.score_batch(images, [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))])
+    assert 0.1 <= shuffled["partial_overall"] <= 0.35, shuffled  # chance (0.23 measured)
+    assert shuffled["attributes"]["relation"] <= 0.1 and shuffled["attributes"]["shape"] <= 0.5
+    noise = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    random_model = scorer.score_batch(list(noise), prompts[:200])
+    assert random_model["overall"] == 0 and random_model["partial_overall"] <= 0.05, random_model
+
+
+def test_attribute_credit_ranks_a_partly_right_image(samples):
+    image, _, p = next(s for s in samples if s[2]["category"] == "colors")
+    recolored = image.copy()
+    obj = scorer.color_labels(image) >= 0
+    recolored[obj] = synthetic.COLORS[next(c for c in synthetic.COLORS if c != p["groups"][0]["color"])]
+    credit = scorer.attribute_credit(recolored, p)
+    assert not scorer.score_image(recolored, p)[0]  # strict: wrong
+    assert credit == {"color": 0.0, "shape": 1.0, "count": 0.0, "relation": None}
+    assert scorer.partial_score(credit) == pytest.approx(1 / 3)
+    assert scorer.partial_score(scorer.attribute_credit(image, p)) == 1.0
+
+
 def test_scorer_catches_wrong_color_missing_object_and_mirrored_position(samples):
     pos = next(s for s in samples if s[2]["relation"] in ("left of", "right of"))
     image, _, p = pos
