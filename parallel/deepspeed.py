@@ -64,10 +64,9 @@ from model.moe import LocalDispatcher
 from .expert_parallel import AllToAllDispatcher, keep_local_experts
 
 STAGES = (2, 3)
-ZERO3_EP_REASON = ("ZeRO-3 partitions every parameter over all data-parallel ranks, which would mix the different "
-                   "experts of the ranks of an expert-parallel group (DeepSpeed partitions over the "
-                   "expert-data-parallel group only for its own AutoEP layers and refuses MoE layers under ZeRO-3); "
-                   "use parallel.zero_stage=2 or parallel.engine=fsdp")
+ZERO3_EP_REASON = ("ZeRO-3 would partition each rank's own experts over all data-parallel ranks (DeepSpeed "
+                   "partitions experts over their expert-data-parallel group only for its AutoEP layers); "
+                   "use parallel.zero_stage=2")
 WEIGHTS_DIR, EMA_FILE, EXPERT_FILE = "weights", "ema.pt", "experts_ep{:03d}.pt"
 MODULE_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0)
 DECLARATION = "deepspeed_expert_parallel"  # the model's child that declares the experts to DeepSpeed
@@ -208,8 +207,9 @@ def micro_step(engine, loss: torch.Tensor) -> torch.Tensor:
 
 
 def save(engine, ckpt_dir: str | Path, tag: str, ema: dict[str, torch.Tensor] | None = None) -> None:
-    """ZeRO checkpoint `ckpt_dir/tag` (every rank calls it) with the metadata the universal conversion
-    needs (without expert parallelism, which the conversion does not support), plus `weights/`: the experts of every expert-parallel rank and the EMA (see module docstring)."""
+    """ZeRO checkpoint `ckpt_dir/tag` (every rank calls it), with the metadata the universal conversion
+    needs when there is no expert parallelism (which the conversion does not support), plus `weights/`:
+    the experts of every expert-parallel rank and the EMA (see module docstring)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, \
         UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
@@ -225,13 +225,13 @@ def _save_weights(model: nn.Module, out: Path, ema: dict[str, torch.Tensor] | No
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if ema is not None:
-            torch.save({n: t for n, t in ema.items() if n not in experts}, out / EMA_FILE)
+            torch.save({n: t.cpu() for n, t in ema.items() if n not in experts}, out / EMA_FILE)
     dist.barrier()
     if experts:
         group = next(iter(experts.values())).group_name
         if groups._get_expert_data_parallel_rank(group) == 0:
             torch.save({"raw": {n: p.detach().cpu() for n, p in experts.items()},
-                        "ema": {n: ema[n] for n in experts} if ema is not None else {}},
+                        "ema": {n: ema[n].cpu() for n in experts} if ema is not None else {}},
                        out / EXPERT_FILE.format(groups._get_expert_parallel_rank(group)))
     dist.barrier()
 
@@ -289,12 +289,13 @@ def full_state_dict(step_dir: str | Path, ema: bool = False) -> dict[str, torch.
     """The unsharded model state of a DeepSpeed step checkpoint, one process. Without expert parallelism
     the fp32 weights come from the ZeRO partitions (`get_fp32_state_dict_from_zero_checkpoint`); with it,
     the non-expert weights and the buffers from DeepSpeed's module file and each expert weight from the
-    expert files, concatenated in expert order. `ema`: the parameters from the EMA (buffers stay raw)."""
+    expert files (both in the training dtype), concatenated in expert order. `ema`: the parameters from the
+    EMA (fp32; buffers stay raw)."""
     step_dir = Path(step_dir)
     files = sorted((step_dir / WEIGHTS_DIR).glob("experts_ep*.pt"))
     parts = [torch.load(f, weights_only=True) for f in files]
     if parts:
-        sd = torch.load(step_dir / MODULE_FILE, weights_only=False)["module"]  # DeepSpeed's own pickle
+        sd = torch.load(step_dir / MODULE_FILE, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's pickle
         sd.update({n: torch.cat([p["raw"][n] for p in parts]) for n in parts[0]["raw"]})
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

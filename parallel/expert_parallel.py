@@ -8,11 +8,13 @@ outputs back with autograd-aware all-to-alls.
 
 Gradient convention: an expert's weight gradient sums the contributions of the tokens of all ep
 ranks, while a dense weight's sums only the local tokens'. Hooks on the experts module (any
-dispatcher) scale the gradient that reaches the expert weights by 1/ep (scale 1/ep on the gradient into the expert output, ep on the
-gradient out of its input, so token gradients are unchanged). Averaging dense gradients over all
-data-parallel ranks and expert gradients over the expert's data-parallel replicas (FSDP's default)
-then gives the gradient of the global mean loss. (FSDP2's `set_gradient_divide_factor` would do the
-same, but gloo lacks the PREMUL_SUM it needs, and torch 2.13 divides twice on a size-1 mesh.)
+dispatcher) scale the gradient that reaches the expert weights by 1/ep (scale 1/ep on the gradient
+into the expert output, ep on the gradient out of its input, so token gradients are unchanged).
+Averaging dense gradients over all data-parallel ranks and expert gradients over the expert's
+data-parallel replicas (FSDP's default) then gives the gradient of the global mean loss. (FSDP2's
+`set_gradient_divide_factor` would do the same, but gloo lacks the PREMUL_SUM it needs, and torch 2.13
+divides twice on a size-1 mesh.) DeepSpeed divides expert gradients by the whole data-parallel size
+instead, which gives the same without the hooks (parallel/deepspeed.py).
 
 Because every routing plan has a fixed number X of slots per expert (expert choice: exactly C tokens
 per group; token choice: the capacity), the all-to-all splits are equal and known in advance: no

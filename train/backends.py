@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed._composable.replicate import DDP as Replicated
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
                          saved_ema_names, saved_train_states)
 
 
-EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the full weights the EMA follows; "
-                    "use parallel.zero_stage=2 or train.ema_decay=0")
+EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the weights the EMA follows; "
+                    "use parallel.zero_stage=2")
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -8,7 +8,6 @@ batches and noise generators), with the same clipping. EP = 2 on 2 processes (ea
 and on 4 (each expert on two expert-data-parallel replicas).
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def _weights(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items() if not k.endswith(SKIP)}
 
 
-def _backend(model, root, dispatcher="alltoall", ema=True, grad_accum=1):
+def _backend(model, root, dispatcher="alltoall", ema=True, grad_accum=1, stage=2):
     """The trainer's DeepSpeed engine on `model`, expert-parallel (EP) when there are several ranks."""
     os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()),
                       WORLD_SIZE=str(dist.get_world_size()))  # what DeepSpeed's launcher would set
@@ -81,8 +80,9 @@ def _backend(model, root, dispatcher="alltoall", ema=True, grad_accum=1):
     world = dist.get_world_size()
     if world > 1:
         pcfg = ParallelConfig(ep=EP, fsdp=False, engine="deepspeed").resolved(world, model.cfg.moe.num_experts)
-        apply_expert_parallel_zero(model, build_mesh(pcfg, world)["ep"], make_dispatcher=make_dispatcher_factory(dispatcher))
-    conf = ds_config(2, micro_batch=MICRO, grad_accum=grad_accum, lr=LR, eps=EPS, grad_clip=CLIP)
+        apply_expert_parallel_zero(model, build_mesh(pcfg, world)["ep"],
+                                   make_dispatcher=make_dispatcher_factory(dispatcher))
+    conf = ds_config(stage, micro_batch=MICRO, grad_accum=grad_accum, lr=LR, eps=EPS, grad_clip=CLIP)
     sched = _Constant()
     return DeepSpeedBackend(model, conf, Path(root), keep_last=10, schedule=lambda opt: lr_schedule(opt, sched, 100),
                             ema=ema)
@@ -93,7 +93,7 @@ class _Constant:
 
 
 def _step(backend, cfg, rank, step, micro=0, poison=False):
-    """One micro-batch through the trainer's path; returns the mean loss over the ranks."""
+    """One micro-batch through the trainer's path; (the mean loss over the ranks, whether it was finite)."""
     from model.flow import FlowConfig, flow_loss
     x, ctx, mask, g = _batch(cfg, rank, step, micro)
     if poison:
@@ -107,7 +107,8 @@ def _step(backend, cfg, rank, step, micro=0, poison=False):
 
 
 def _local_state(backend) -> dict:
-    """This rank's weights (its experts only) and EMA, and its expert-parallel rank."""
+    """This rank's weights (its experts only) and EMA, and its expert-parallel rank: rank % EP, as the
+    layout of parallel/mesh.py (ep innermost) has it."""
     from parallel.deepspeed import expert_params
     experts = set(expert_params(backend.engine.module))
     ep_rank = dist.get_rank() % EP if experts else 0
@@ -177,7 +178,7 @@ def _run_parity(tmp_path, world, dispatcher, resume=False):
         _check_against_reference(state, ref_weights[2], EP, WEIGHT_TOL, "weights")
         _check_against_reference(state, ref_emas[2], EP, WEIGHT_TOL, "ema")
         for k, v in state["weights"].items():  # replicas identical: dense on all ranks, experts per ep rank
-            twin = runs[r % EP]["states"][2]["weights"][k] if k in state["experts"] else runs[0]["states"][2]["weights"][k]
+            twin = runs[r % EP if k in state["experts"] else 0]["states"][2]["weights"][k]
             assert torch.equal(v, twin), f"rank {r}: {k} differs from its replica"
     return runs, ref_weights, ref_emas
 
@@ -227,24 +228,34 @@ def _assemble(states: list[dict], what: str) -> dict:
     return out
 
 
-def _nan_worker(rank, world, tmp):
-    from parallel.deepspeed import micro_step  # noqa: F401  (the backend's micro-step)
-    model, cfg = _model()
-    backend = _backend(model, f"{tmp}/ckpt", ema=False, grad_accum=2)
-    engine = backend.engine
-    out = []
-    for step in range(3):
-        finite = [_step(backend, cfg, rank, step, micro, poison=(step == 1 and micro == 0))[1] for micro in range(2)]
-        out.append({"finite": finite, "global_steps": engine.global_steps, "skipped": engine.skipped_steps,
-                    "lr_steps": engine.lr_scheduler.last_epoch, "weights": _weights(engine.module.state_dict())})
-    torch.save(out, f"{tmp}/nan.pt")
+def _nan_worker(rank, world, tmp, stages):
+    import deepspeed
+    for stage in stages:
+        model, cfg = _model()
+        backend = _backend(model, f"{tmp}/ckpt", ema=False, grad_accum=2, stage=stage)
+        engine = backend.engine
+        out = []
+        for step in range(3):
+            finite = [_step(backend, cfg, rank, step, micro, poison=(step, micro) == (1, 0))[1] for micro in range(2)]
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+                weights = _weights(engine.module.state_dict())
+            out.append({"finite": finite, "global_steps": engine.global_steps, "skipped": engine.skipped_steps,
+                        "lr_steps": engine.lr_scheduler.last_epoch, "weights": weights})
+        torch.save(out, f"{tmp}/nan{stage}.pt")
 
 
-def test_nonfinite_micro_batch_skips_exactly_one_step(tmp_path):
+@pytest.fixture(scope="module")
+def nan_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nan")
+    run_workers(_nan_worker, 1, tmp, str(tmp), (2, 3))
+    return tmp
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nonfinite_micro_batch_skips_exactly_one_step(nan_runs, stage):
     """grad_accum=2, a NaN in step 2's first micro-batch: 3 trainer steps are 3 DeepSpeed steps, the second
     skipped (no update, no LR step); step 3 equals a reference that trains on steps 1 and 3 only."""
-    run_workers(_nan_worker, 1, tmp_path, str(tmp_path))
-    out = torch.load(tmp_path / "nan.pt", weights_only=True)
+    out = torch.load(nan_runs / f"nan{stage}.pt", weights_only=True)
     assert [o["finite"] for o in out] == [[True, True], [False, True], [True, True]]
     assert [o["global_steps"] for o in out] == [1, 2, 3]
     assert [o["skipped"] for o in out] == [0, 1, 1]
@@ -273,7 +284,7 @@ def test_zero3_with_ep_and_ema_with_zero3_are_refused():
     class _Mesh:
         def size(self):
             return 2
-    with pytest.raises(ValueError, match="parallel.ep=2 with parallel.zero_stage=3: ZeRO-3 partitions"):
+    with pytest.raises(ValueError, match="parallel.ep=2 with parallel.zero_stage=3: ZeRO-3 would partition"):
         apply_expert_parallel_zero(None, _Mesh(), zero_stage=3)
     with pytest.raises(ValueError, match=r"train.ema_decay > 0 with parallel.zero_stage=3: ZeRO-3 partitions"):
         DeepSpeedBackend(None, {"zero_optimization": {"stage": 3}}, Path("unused"), 1, None, ema=True)
