@@ -405,7 +405,7 @@ def sample_ms_per_image(preset: str, routing: str, images: int, steps: int, dev,
     from model.config import get_preset
     from model.dit import build_model
     from model.flow import cfg_velocity, euler_sample
-    from train.sample import inference_routing
+    from train.generate import inference_routing
 
     cfg = get_preset(preset)
     model = build_model(cfg, device=dev, seed=0).to(dtype)

@@ -38,8 +38,8 @@ from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
 from model.routing import LoadMeter  # noqa: E402
 from train.evaluate import score_images  # noqa: E402
-from train.sample import (WEIGHTS, data_config, decode, generate_latents, inference_routing,  # noqa: E402
-                          load_model, routing_maps)
+from train.generate import decode, generate_latents, inference_routing, routing_maps  # noqa: E402
+from train.inference_model import WEIGHTS, data_config, load_model  # noqa: E402
 from train.visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png  # noqa: E402
 
 VARIANTS = ("dense", "ec", "tc", "diffmoe")

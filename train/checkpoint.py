@@ -100,7 +100,8 @@ def restore_rng(state: dict) -> None:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """`step_*` directories under `root` that were published (meta.json is written last), oldest first."""
-    found = [p for p in Path(root).glob(STEP_PREFIX + "*") if (p / "meta.json").is_file()]
+    found = [p for p in Path(root).glob(STEP_PREFIX + "*")
+             if (p / "meta.json").is_file() and p.name[len(STEP_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 

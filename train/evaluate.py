@@ -8,7 +8,7 @@
 Prompts: --prompt-file (captions one per line, parsed by data.synthetic.parse_caption, or a .jsonl of prompt
 structures), else `heldout_prompts` (--split heldout: every prompt states a (color, shape) pair that the
 shapes dataset never shows) or `training_prompts` (--split train). Sample k of prompt i is generated from
-the noise of index i * samples_per_prompt + k (train.sample.prompt_noise), so every image has its own noise.
+the noise of index i * samples_per_prompt + k (train.generate.prompt_noise), so every image has its own noise.
 `--weights ema|raw` (default ema) as in train.sample; eval.json records which weights were evaluated.
 
 Writes OUT/eval.json (overall = mean of the per-category accuracies, per_category, n, sample_accuracy, the
@@ -42,9 +42,12 @@ from PIL import Image
 from data.scorer import score_image, summarize
 from data.synthetic import (CATEGORIES, HELDOUT_PAIRS, caption_of, heldout_prompts, parse_caption,
                             stated_heldout, training_prompts)
-from train.sample import (DATA_KEYS, OneLineParser, SampleError, add_encoder_args, add_generation_args,
-                          check_compatible, check_generation_args, data_config, generate, load_model, run_cli)
+from train.cli import (OneLineParser, add_encoder_args, add_generation_args, check_generation_args, check_positive,
+                       parse_device, run_cli)
+from train.generate import SampleError, generate
+from train.inference_model import DATA_KEYS, check_compatible, data_config, load_model
 from train.visualize import image_grid, save_png, to_uint8
+
 SPLITS = {"heldout": "held-out compositions", "train": "in-distribution prompts"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -105,7 +108,7 @@ def evaluate(model, text_encoder: Callable, vae, prompts: Sequence[dict], sample
              steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 8, routing: str = "sample",
              group_size: int | None = None, shift: float = 1.0, log: Callable[[str], None] | None = None,
              multiplier: float | None = None) -> dict:
-    """Generate `samples_per_prompt` images per prompt structure (train.sample.generate; sample k of
+    """Generate `samples_per_prompt` images per prompt structure (train.generate.generate; sample k of
     prompt i uses the noise of index i * samples_per_prompt + k) and score them.
 
     Returns the `score_images` summary (overall, per_category, n, sample_accuracy) plus
@@ -265,20 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_args(args: argparse.Namespace) -> torch.device:
     check_generation_args(args)
-    for name in ("num_prompts", "samples_per_prompt", "nrow", "grid_max", "fid_max_real"):
-        if getattr(args, name) < 1:
-            raise SampleError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    check_positive(args, "num_prompts", "samples_per_prompt", "nrow", "grid_max", "fid_max_real")
     if args.fid_real is not None:
         check_fid_real(args.fid_real)
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise SampleError(f"--inception-weights {args.inception_weights} is not a file")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SampleError(f"--device {args.device!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {args.device}: CUDA is not available on this machine")
-    return device
+    return parse_device(args.device)
 
 
 def _run(args: argparse.Namespace) -> int:

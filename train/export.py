@@ -14,7 +14,8 @@ import sys
 from typing import Sequence
 
 from train.checkpoint import export_safetensors
-from train.sample import OneLineParser, add_checkpoint_args, load_model, run_cli
+from train.cli import OneLineParser, add_checkpoint_args, run_cli
+from train.inference_model import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -367,7 +367,7 @@ def _sample_outputs(cfg, model, metrics, run_dir, rank, step, device) -> dict:
     computes, since the sharded model's forward is collective; rank 0 writes)."""
     from data import load_text_encoder, load_vae
 
-    from .sample import decode, generate_latents, routing_maps
+    from .generate import decode, generate_latents, routing_maps
     from .visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
     prompts = list(cfg.train.sample_prompts)
     text = load_text_encoder(cfg.data, device)

@@ -22,7 +22,7 @@ from data.synthetic import (COLOR_CATEGORIES, caption_of, generate_sample, heldo
 from tests.model.helpers import tiny_model
 from tests.train.helpers import FakeText, save_tiny_checkpoints
 from train.evaluate import compute_fid, evaluate, main, read_prompt_file, score_images
-from train.sample import SampleError
+from train.generate import SampleError
 
 ROOT = Path(__file__).resolve().parents[2]
 

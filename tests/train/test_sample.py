@@ -20,8 +20,10 @@ from model.flow import cfg_velocity, euler_sample
 from model.routing import InferenceRouting, LoadMeter
 from tests.model.helpers import tiny_model
 from tests.train.helpers import FakeText, save_tiny_checkpoints
-from train.sample import (SampleError, check_compatible, generate, inference_routing, load_model, main, noise_seed,
-                          prompt_noise, resolve_checkpoint, slug)
+from train.cli import slug
+from train.generate import SampleError, generate, inference_routing, noise_seed, prompt_noise
+from train.inference_model import check_compatible, load_model, resolve_checkpoint
+from train.sample import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow diamond", "three cyan circles"]
@@ -178,6 +180,14 @@ def test_load_model_from_both_config_layouts(saved):
     (bad / "config.json").write_text(json.dumps({"model": {"preset": "tiny-ec"}}))
     with pytest.raises(SampleError, match="not a model config"):
         load_model(bad)
+
+
+def test_checkpoint_root_resolves_to_its_latest_numbered_complete_step(tmp_path):
+    for name, complete in (("step_00000003", True), ("step_00000010", False), ("step_best", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "meta.json").write_text("{}")
+    assert resolve_checkpoint(tmp_path) == ("step", tmp_path / "step_00000003")
 
 
 def test_cli_checkpoint_and_export_give_the_same_images(saved):

@@ -18,7 +18,10 @@ from tests.model.helpers import tiny_model
 from tests.train.helpers import TINY_DATA, save_tiny_checkpoints
 from train import evaluate, export
 from train.checkpoint import Checkpointer, exported_weights
-from train.sample import SampleError, data_config, generate, load_model, main, slug
+from train.cli import slug
+from train.generate import SampleError, generate
+from train.inference_model import data_config, load_model
+from train.sample import main
 from train.visualize import image_grid, save_png
 
 PROMPTS = ["a red circle", "two blue squares"]
