@@ -62,11 +62,9 @@ from model.dit import DiT
 from model.moe import LocalDispatcher
 
 from .expert_parallel import AllToAllDispatcher, keep_local_experts
+from .mesh import ZERO3_EP_REASON
 
 STAGES = (2, 3)
-ZERO3_EP_REASON = ("ZeRO-3 would partition each rank's own experts over all data-parallel ranks (DeepSpeed "
-                   "partitions experts over their expert-data-parallel group only for its AutoEP layers); "
-                   "use parallel.zero_stage=2")
 WEIGHTS_DIR, EMA_FILE, EXPERT_FILE = "weights", "ema.pt", "experts_ep{:03d}.pt"
 MODULE_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0)
 DECLARATION = "deepspeed_expert_parallel"  # the model's child that declares the experts to DeepSpeed

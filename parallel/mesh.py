@@ -16,6 +16,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from model.config import ConfigError
 
 DISPATCHERS = ("alltoall", "megatron_alltoall", "megatron_allgather")
+ZERO3_EP_REASON = ("ZeRO-3 would partition each rank's own experts over all data-parallel ranks (DeepSpeed "
+                   "partitions experts over their expert-data-parallel group only for its AutoEP layers); "
+                   "use parallel.zero_stage=2")
 
 
 @dataclass
@@ -56,6 +59,8 @@ class ParallelConfig:
             raise ConfigError(f"{p}.engine={self.engine!r} must be 'fsdp' or 'deepspeed'")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"{p}.zero_stage={self.zero_stage} must be 2 or 3")
+        if self.engine == "deepspeed" and self.ep > 1 and self.zero_stage == 3:
+            raise ConfigError(f"{p}.ep={self.ep} with {p}.zero_stage=3: {ZERO3_EP_REASON}")
         if self.param_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
         from dataclasses import replace

@@ -27,8 +27,8 @@ from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_b
                          saved_ema_names, saved_train_states)
 
 
-EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the weights the EMA follows; "
-                    "use parallel.zero_stage=2")
+EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the weights the EMA follows; set "
+                    "train.ema_decay=0 or use parallel.zero_stage=2")
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

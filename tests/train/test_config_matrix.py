@@ -23,6 +23,8 @@ def expected_refusal(cell: Cell) -> str | None:
         return "parallel.ep=2 needs parallel.fsdp=true"
     if cell.ep == 2 and cell.router == "dense":
         return "parallel.ep=2 needs a MoE model"
+    if cell.ep == 2 and cell.parallel == "deepspeed_zero3":
+        return "parallel.ep=2 with parallel.zero_stage=3: ZeRO-3 would partition each rank's own experts"
     return None
 
 
@@ -47,7 +49,7 @@ def test_every_cell_validates_or_is_refused_naming_the_field(shards):
 
 SUBSET = [Cell("single", 1, "dense", "image"), Cell("fsdp", 2, "diffmoe", "latent"),
           Cell("fsdp_ep", 2, "expert_choice", "image"), Cell("deepspeed_zero2", 2, "token_choice", "latent"),
-          Cell("deepspeed_zero3", 2, "expert_choice", "image")]
+          Cell("deepspeed_zero3", 1, "diffmoe", "image")]
 
 
 @pytest.mark.distributed
@@ -60,10 +62,13 @@ def test_cell_trains_with_identical_replicas(cell, shards, tmp_path):
 
 
 @pytest.mark.distributed
-def test_refused_cell_fails_on_the_command_line_in_one_line(shards, tmp_path):
-    proc = train(Cell("single", 2, "expert_choice", "latent"), shards, tmp_path / "run", timeout=120)
+@pytest.mark.parametrize("cell", [Cell("single", 2, "expert_choice", "latent"),
+                                  Cell("deepspeed_zero3", 2, "token_choice", "image")], ids=lambda c: c.name)
+def test_refused_cell_fails_on_the_command_line_in_one_line(cell, shards, tmp_path):
+    proc = train(cell, shards, tmp_path / "run", timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and errors[0].startswith("error: parallel.ep=2 needs parallel.fsdp=true"), proc.stderr[-2000:]
+    assert errors and errors[0] == f"error: {refusal(cell, shards)}", proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: {expected_refusal(cell)}")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
