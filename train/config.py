@@ -150,16 +150,21 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
     mcfg = resolve_model(cfg.model, cfg.data)
     pcfg = cfg.parallel.resolved(world_size, mcfg.moe.num_experts if mcfg.moe else None)
     cfg.flow.validate()
-    for ok, msg in _app_checks(cfg, pcfg):
+    for ok, msg in _app_checks(cfg, mcfg, pcfg):
         if not ok:
             raise ConfigError(msg)
     return mcfg, pcfg
 
 
-def _app_checks(cfg: AppConfig, pcfg: ParallelConfig) -> list[tuple[bool, str]]:
+def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[tuple[bool, str]]:
     """(holds, message) for the optimizer, trainer and cross-group rules."""
-    o, t = cfg.optim, cfg.train
+    o, t, moe = cfg.optim, cfg.train, mcfg.moe
+    routed = cfg.data.batch_size * mcfg.kept_tokens  # tokens one rank routes per micro-batch
     return [
+        (moe is None or moe.group != "tokens" or routed <= moe.group_size or routed % moe.group_size == 0,
+         f"model.moe.group_size={moe.group_size if moe else None} must divide the {routed} tokens a rank routes "
+         f"per micro-batch (data.batch_size={cfg.data.batch_size} x {mcfg.kept_tokens} kept tokens per image); "
+         f"change either, or set model.moe.group=sample"),
         (o.name in ("adamw", "rmsprop"), f"optim.name={o.name!r} must be 'adamw' or 'rmsprop'"),
         (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
