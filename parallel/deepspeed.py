@@ -30,10 +30,17 @@ expert's local gradient already sums the tokens of its expert-parallel group: th
 global mean loss, so the 1/ep hooks of the FSDP path are not installed here.
 ZeRO-3 with expert parallelism is refused (`ZERO3_EP_REASON`).
 
+EMA (`ema_params`): ZeRO-2 follows the module's parameters (each rank holds them whole, and its own
+experts); ZeRO-3 follows each rank's own fp32 master partition of every parameter
+(`safe_get_local_fp32_param`, without the padding): ZeRO-3 flattens each parameter, pads it to a multiple
+of the data-parallel size and gives rank r the r-th of the equal pieces (`partition_layout`).
+
 Checkpoints (`save` / `load`): DeepSpeed's files, whose module file holds rank 0's experts only, plus
 `weights/`: every expert-parallel rank's experts (`experts_ep<r>.pt`, written by that rank's first
-expert-data-parallel replica) and the EMA (`ema.pt`: the non-expert parameters; the experts' EMA in the
-expert files). `full_state_dict` assembles the unsharded model (raw or EMA) for inference.
+expert-data-parallel replica) and the EMA: under ZeRO-2 `ema.pt` (the non-expert parameters; the
+experts' EMA in the expert files), under ZeRO-3 one `ema_rank<r>.pt` per rank (its partitions, each with
+its layout: full shape, numel and offset in the flat parameter, so assembly needs no DeepSpeed).
+`full_state_dict` assembles the unsharded model (raw or EMA) for inference.
 
 Resharding. A ZeRO checkpoint saved at one data-parallel size does not load at another by itself.
 Two routes, both here (without expert parallelism):
@@ -66,6 +73,7 @@ from .mesh import ZERO3_EP_REASON
 
 STAGES = (2, 3)
 WEIGHTS_DIR, EMA_FILE, EXPERT_FILE = "weights", "ema.pt", "experts_ep{:03d}.pt"
+EMA_RANK_FILE, EMA_RANK_GLOB = "ema_rank{:05d}.pt", "ema_rank*.pt"  # ZeRO-3: one file per rank
 MODULE_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0)
 DECLARATION = "deepspeed_expert_parallel"  # the model's child that declares the experts to DeepSpeed
 
@@ -204,6 +212,32 @@ def micro_step(engine, loss: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 partitioned parameter (each rank holds a piece only)."""
+    return hasattr(param, "ds_id")
+
+
+def partition_layout(param: torch.Tensor) -> dict:
+    """Where this rank's ZeRO-3 piece of `param` lies: {"shape": full shape, "numel": full numel,
+    "offset": start in the flat parameter, "length": its elements without the padding}."""
+    size = param.partition_numel()
+    offset = param.ds_zero_partition_rank * size
+    return {"shape": list(param.ds_shape), "numel": param.ds_numel, "offset": offset,
+            "length": max(0, min(size, param.ds_numel - offset))}
+
+
+def ema_params(engine) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs the EMA follows: the module's parameters (ZeRO-2), or this rank's fp32 master
+    partition of every trained parameter without its padding (ZeRO-3; views of DeepSpeed's partitions)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    named = list(engine.module.named_parameters())
+    if not any(is_partitioned(p) for _, p in named):
+        return named
+    return [(n, safe_get_local_fp32_param(p).narrow(0, 0, partition_layout(p)["length"]))
+            for n, p in named if p.requires_grad]
+
+
 def save(engine, ckpt_dir: str | Path, tag: str, ema: dict[str, torch.Tensor] | None = None) -> None:
     """ZeRO checkpoint `ckpt_dir/tag` (every rank calls it), with the metadata the universal conversion
     needs when there is no expert parallelism (which the conversion does not support), plus `weights/`:
@@ -220,11 +254,14 @@ def _save_weights(model: nn.Module, out: Path, ema: dict[str, torch.Tensor] | No
     from deepspeed.utils import groups
 
     experts = expert_params(model)
+    partitioned = any(is_partitioned(p) for p in model.parameters())
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if ema is not None:
+        if ema is not None and not partitioned:
             torch.save({n: t.cpu() for n, t in ema.items() if n not in experts}, out / EMA_FILE)
     dist.barrier()
+    if ema is not None and partitioned:
+        _save_ema_partitions(model, out / EMA_RANK_FILE.format(dist.get_rank()), ema)
     if experts:
         group = next(iter(experts.values())).group_name
         if groups._get_expert_data_parallel_rank(group) == 0:
@@ -234,11 +271,18 @@ def _save_weights(model: nn.Module, out: Path, ema: dict[str, torch.Tensor] | No
     dist.barrier()
 
 
+def _save_ema_partitions(model: nn.Module, path: Path, ema: dict[str, torch.Tensor]) -> None:
+    """This rank's ZeRO-3 EMA partitions: {name: {"ema": tensor, **partition_layout}} (plain tensors and
+    ints: loads with weights_only)."""
+    params = dict(model.named_parameters())
+    torch.save({n: {"ema": t.cpu(), **partition_layout(params[n])} for n, t in ema.items()}, path)
+
+
 def load(engine, ckpt_dir: str | Path, tag: str, ema: dict[str, torch.Tensor] | None = None) -> None:
     """Resume from `save`'s checkpoint: DeepSpeed restores model, optimizer and LR schedule; its module
     file holds rank 0's experts only, so every rank's experts are then set from its own restored fp32
     master weights (ZeRO partitions). `ema` is filled in place: from the checkpoint when it holds one,
-    else from the loaded weights."""
+    else from the loaded weights (`ema_params`)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -247,29 +291,59 @@ def load(engine, ckpt_dir: str | Path, tag: str, ema: dict[str, torch.Tensor] | 
             p.copy_(safe_get_full_fp32_param(p))
     if ema is None:
         return
-    step_dir = Path(ckpt_dir) / tag
-    saved = saved_ema(step_dir, expert_params(engine.module))
+    saved = saved_ema(Path(ckpt_dir) / tag, engine.module)
     with torch.no_grad():
-        for n, p in engine.module.named_parameters():
-            ema[n].copy_(saved[n] if saved else p.detach())
+        for n, t in ema_params(engine):
+            ema[n].copy_(saved[n] if saved else t)
 
 
-def saved_ema(step_dir: Path, experts: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """This rank's EMA tensors in a `save` checkpoint: {} when it has none."""
+def saved_ema(step_dir: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's EMA tensors in a `save` checkpoint (under ZeRO-3 its pieces, cut from the assembled
+    EMA: any data-parallel size); {} when it has none."""
     from deepspeed.utils import groups
 
-    if not (step_dir / WEIGHTS_DIR / EMA_FILE).is_file():
+    weights = step_dir / WEIGHTS_DIR
+    if any(weights.glob(EMA_RANK_GLOB)):
+        full = assemble_ema_partitions(step_dir)
+        out = {}
+        for n, p in model.named_parameters():
+            if n in full:
+                at = partition_layout(p)
+                out[n] = full[n].reshape(-1).narrow(0, at["offset"], at["length"])
+        return out
+    if not (weights / EMA_FILE).is_file():
         return {}
-    out = torch.load(step_dir / WEIGHTS_DIR / EMA_FILE, weights_only=True)
+    out = torch.load(weights / EMA_FILE, weights_only=True)
+    experts = expert_params(model)
     if experts:
         rank = groups._get_expert_parallel_rank(next(iter(experts.values())).group_name)
-        out.update(torch.load(step_dir / WEIGHTS_DIR / EXPERT_FILE.format(rank), weights_only=True)["ema"])
+        out.update(torch.load(weights / EXPERT_FILE.format(rank), weights_only=True)["ema"])
+    return out
+
+
+def assemble_ema_partitions(step_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full EMA tensors of a ZeRO-3 checkpoint from its ranks' `ema_rank<r>.pt` pieces (one process, no
+    DeepSpeed): each piece goes to its offset in the flat parameter, which must be covered exactly."""
+    files = sorted((Path(step_dir) / WEIGHTS_DIR).glob(EMA_RANK_GLOB))
+    parts = [torch.load(f, weights_only=True) for f in files]
+    out = {}
+    for n, first in parts[0].items():
+        flat = torch.empty(first["numel"], dtype=first["ema"].dtype)
+        covered = 0
+        for part in parts:
+            piece = part[n]
+            flat.narrow(0, piece["offset"], piece["length"]).copy_(piece["ema"])
+            covered += piece["length"]
+        if covered != first["numel"]:
+            raise ValueError(f"{step_dir}: the EMA pieces of {n} cover {covered} of its {first['numel']} elements")
+        out[n] = flat.view(first["shape"])
     return out
 
 
 def has_ema(step_dir: str | Path) -> bool:
     """Whether a DeepSpeed step checkpoint holds EMA weights."""
-    return (Path(step_dir) / WEIGHTS_DIR / EMA_FILE).is_file()
+    weights = Path(step_dir) / WEIGHTS_DIR
+    return (weights / EMA_FILE).is_file() or any(weights.glob(EMA_RANK_GLOB))
 
 
 def saved_ema_names(step_dir: str | Path) -> dict[str, str]:
@@ -277,7 +351,9 @@ def saved_ema_names(step_dir: str | Path) -> dict[str, str]:
     weights = Path(step_dir) / WEIGHTS_DIR
     if not has_ema(step_dir):
         return {}
-    names = set(torch.load(weights / EMA_FILE, weights_only=True, mmap=True))
+    names = set()
+    for f in [*weights.glob(EMA_RANK_GLOB), *weights.glob(EMA_FILE)]:
+        names |= set(torch.load(f, weights_only=True, mmap=True))
     for f in weights.glob("experts_ep*.pt"):
         names |= set(torch.load(f, weights_only=True, mmap=True)["ema"])
     return {n: n for n in sorted(names)}
@@ -288,7 +364,7 @@ def full_state_dict(step_dir: str | Path, ema: bool = False) -> dict[str, torch.
     the fp32 weights come from the ZeRO partitions (`get_fp32_state_dict_from_zero_checkpoint`); with it,
     the non-expert weights and the buffers from DeepSpeed's module file and each expert weight from the
     expert files (both in the training dtype), concatenated in expert order. `ema`: the parameters from the
-    EMA (fp32; buffers stay raw)."""
+    EMA (fp32; buffers stay raw; under ZeRO-3 assembled from the ranks' pieces)."""
     step_dir = Path(step_dir)
     files = sorted((step_dir / WEIGHTS_DIR).glob("experts_ep*.pt"))
     parts = [torch.load(f, weights_only=True) for f in files]
@@ -301,6 +377,9 @@ def full_state_dict(step_dir: str | Path, ema: bool = False) -> dict[str, torch.
     if ema:
         if not has_ema(step_dir):
             raise ValueError(f"checkpoint {step_dir} holds no EMA weights (trained with train.ema_decay=0)")
+        if any((step_dir / WEIGHTS_DIR).glob(EMA_RANK_GLOB)):
+            sd.update(assemble_ema_partitions(step_dir))
+            return sd
         sd.update(torch.load(step_dir / WEIGHTS_DIR / EMA_FILE, weights_only=True))
         sd.update({n: torch.cat([p["ema"][n] for p in parts]) for n in parts[0]["ema"]} if parts else {})
     return sd
@@ -337,5 +416,6 @@ def load_fp32_weights(model: nn.Module, ckpt_dir: str | Path, tag: str | None = 
     return model
 
 
-__all__ = ["ds_config", "apply_expert_parallel_zero", "build_engine", "micro_step", "save", "load", "full_state_dict",
-           "has_ema", "saved_ema_names", "to_universal", "load_fp32_weights", "STAGES", "ZERO3_EP_REASON"]
+__all__ = ["ds_config", "apply_expert_parallel_zero", "build_engine", "micro_step", "ema_params", "partition_layout",
+           "save", "load", "full_state_dict", "assemble_ema_partitions", "has_ema", "saved_ema_names", "to_universal",
+           "load_fp32_weights", "STAGES", "ZERO3_EP_REASON"]

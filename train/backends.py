@@ -5,8 +5,9 @@
 * `DeepSpeedBackend`: `deepspeed.initialize` with ZeRO 2/3 (parallel/deepspeed.py; ZeRO-2 also with
   expert parallelism): DeepSpeed owns the optimizer (AdamW), the warmup schedule, gradient clipping and
   accumulation (one DeepSpeed step per trainer step, skipped when a micro-batch was non-finite), and its
-  checkpoints (published when meta.json is written, last); the EMA (ZeRO-2 only) is kept here, updated
-  like the torch engine's and saved with DeepSpeed's checkpoint.
+  checkpoints (published when meta.json is written, last); the EMA is kept here (under ZeRO-3 of each
+  rank's fp32 partitions: parallel/deepspeed.py ema_params), updated like the torch engine's and saved
+  with DeepSpeed's checkpoint.
 
 Both keep the per-rank JSON train state (RNG, data position) and config.json / meta.json in the
 checkpoint directory, so resume works the same way.
@@ -25,10 +26,6 @@ from torch.distributed._composable.replicate import DDP as Replicated
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
                          saved_ema_names, saved_train_states)
-
-
-EMA_ZERO3_REASON = ("ZeRO-3 partitions the parameters, so no rank holds the weights the EMA follows; set "
-                    "train.ema_decay=0 or use parallel.zero_stage=2")
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -132,16 +129,12 @@ def deepspeed_config(cfg, pcfg, precision_bf16: bool) -> dict:
 class DeepSpeedBackend:
     def __init__(self, model, conf: dict, root: Path, keep_last: int, schedule, ema: bool = False):
         """`schedule(optimizer) -> LR scheduler`: DeepSpeed steps it after every update and checkpoints it.
-        `ema`: keep an EMA of the parameters (ZeRO-2: every rank holds its full dense parameters and its
-        experts)."""
-        from parallel.deepspeed import build_engine
-        stage = conf["zero_optimization"]["stage"]
-        if ema and stage == 3:
-            raise ValueError(f"train.ema_decay > 0 with parallel.zero_stage=3: {EMA_ZERO3_REASON}")
+        `ema`: keep an fp32 EMA of what `ema_params` gives (ZeRO-2: every rank's full dense parameters and
+        its experts; ZeRO-3: its own partitions)."""
+        from parallel.deepspeed import build_engine, ema_params
         self.engine = build_engine(model, conf, lr_scheduler=schedule)
         self.net = self.engine
-        self.ema = ({n: p.detach().float().clone() for n, p in self.engine.module.named_parameters()}
-                    if ema else None)
+        self.ema = {n: t.detach().float().clone() for n, t in ema_params(self.engine)} if ema else None
         self.root, self.keep_last = root, keep_last
         self.bf16 = self.engine.bfloat16_enabled()
         if dist_rank() == 0:
@@ -165,8 +158,9 @@ class DeepSpeedBackend:
 
     def apply(self, ema_decay: float) -> None:
         """DeepSpeed stepped at its accumulation boundary (micro_step); the EMA follows the new weights."""
+        from parallel.deepspeed import ema_params
         if self.ema is not None:
-            ema_update(self.ema, self.engine.module.named_parameters(), ema_decay)
+            ema_update(self.ema, ema_params(self.engine), ema_decay)
 
     def lr(self) -> float:
         return last_update_lr(self.engine.lr_scheduler)
@@ -206,4 +200,4 @@ class DeepSpeedBackend:
         pass
 
 
-__all__ = ["TorchBackend", "DeepSpeedBackend", "deepspeed_config", "ema_update", "EMA_ZERO3_REASON"]
+__all__ = ["TorchBackend", "DeepSpeedBackend", "deepspeed_config", "ema_update"]

@@ -22,8 +22,6 @@ from model.config import PRESETS, ConfigError, DiTConfig, get_preset
 from model.flow import FlowConfig
 from parallel.mesh import ParallelConfig
 
-from .backends import EMA_ZERO3_REASON
-
 
 @dataclass
 class ModelSpec(DiTConfig):
@@ -185,8 +183,6 @@ def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[t
         (t.wandb_mode in ("offline", "online", "disabled"),
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
         (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
-        (pcfg.engine == "fsdp" or pcfg.zero_stage == 2 or t.ema_decay == 0,
-         f"train.ema_decay={t.ema_decay} with parallel.zero_stage=3: {EMA_ZERO3_REASON}"),
         (not t.compile or pcfg.engine == "fsdp",
          "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
         (not t.compile or pcfg.ep == 1 or pcfg.dispatcher == "alltoall",

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 with expert parallelism equals one process; it resumes bit-exactly; its EMA is the
-hand-computed one and loads for inference; a non-finite micro-batch makes exactly one skipped step.
+hand-computed one and loads for inference; the same for ZeRO-3's EMA of each rank's partitions; a
+non-finite micro-batch makes exactly one skipped step.
 
 Every run goes through the trainer's engine interface (train/backends.py DeepSpeedBackend, whose
 micro-step is parallel/deepspeed.py micro_step). Reference (in the test process, no DeepSpeed): torch
@@ -70,7 +71,7 @@ def _weights(state: dict) -> dict:
 
 
 def _backend(model, root, dispatcher="alltoall", ema=True, grad_accum=1, stage=2):
-    """The trainer's DeepSpeed engine on `model`, expert-parallel (EP) when there are several ranks."""
+    """The trainer's DeepSpeed engine on `model`, expert-parallel (EP) under ZeRO-2 with several ranks."""
     os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()),
                       WORLD_SIZE=str(dist.get_world_size()))  # what DeepSpeed's launcher would set
     from parallel.deepspeed import apply_expert_parallel_zero, ds_config
@@ -78,7 +79,7 @@ def _backend(model, root, dispatcher="alltoall", ema=True, grad_accum=1, stage=2
     from parallel.parallelize import make_dispatcher_factory
     from train.backends import DeepSpeedBackend, lr_schedule
     world = dist.get_world_size()
-    if world > 1:
+    if world > 1 and stage == 2:
         pcfg = ParallelConfig(ep=EP, fsdp=False, engine="deepspeed").resolved(world, model.cfg.moe.num_experts)
         apply_expert_parallel_zero(model, build_mesh(pcfg, world)["ep"],
                                    make_dispatcher=make_dispatcher_factory(dispatcher))
@@ -206,7 +207,7 @@ def test_zero2_ep2_resumes_exactly_with_ema_and_loads_for_inference(tmp_path):
     for r in range(2):
         _check_against_reference(runs[r]["states"][3], ref_emas[3], EP, WEIGHT_TOL, "ema")
 
-    from train.sample import load_model
+    from train.inference_model import load_model
     step2 = tmp_path / "ckpt" / "step_00000002"
     ema_model, _, _, used = load_model(step2, weights="ema", log=lambda m: None)
     raw_model, _, _, used_raw = load_model(step2, weights="raw", log=lambda m: None)
@@ -277,15 +278,108 @@ def test_nonfinite_micro_batch_skips_exactly_one_step(nan_runs, stage):
         torch.testing.assert_close(out[2]["weights"][k], v, **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
-def test_zero3_with_ep_and_ema_with_zero3_are_refused():
+def _full_fp32(backend) -> dict:
+    """The full fp32 master weights of a ZeRO-3 engine (gathered from every rank's partition)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in backend.engine.module.named_parameters()}
+
+
+def _zero3_state(backend, hand: dict) -> dict:
+    from parallel.deepspeed import partition_layout
+    params = dict(backend.engine.module.named_parameters())
+    return {"weights": _full_fp32(backend), "hand_ema": {n: t.clone() for n, t in hand.items()},
+            "ema": {n: t.clone() for n, t in backend.ema.items()},
+            "layout": {n: partition_layout(params[n]) for n in backend.ema}}
+
+
+def _zero3_ema_worker(rank, world, tmp):
+    """ZeRO-3 with an EMA, 4 steps (saved after 2); the EMA hand-computed from the gathered fp32 weights
+    after every step; then a fresh engine on other weights resumes from step 2 and trains steps 3 and 4."""
+    model, cfg = _model()
+    backend = _backend(model, f"{tmp}/ckpt", stage=3)
+    hand = _full_fp32(backend)
+    losses, states = [], [_zero3_state(backend, hand)]
+    for step in range(STEPS):
+        losses.append(_step(backend, cfg, rank, step)[0])
+        backend.apply(DECAY)
+        for n, w in _full_fp32(backend).items():
+            hand[n].lerp_(w, 1 - DECAY)
+        states.append(_zero3_state(backend, hand))
+        if step + 1 == 2:
+            backend.save(2, {}, {"model_resolved": _model_dict(cfg)})
+    torch.save({"losses": losses, "states": states}, f"{tmp}/zero3_run{rank}.pt")
+    model, cfg = _model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    backend = _backend(model, f"{tmp}/ckpt2", stage=3)
+    backend.load(Path(f"{tmp}/ckpt/step_00000002"))
+    resumed, r_losses = [{n: t.clone() for n, t in backend.ema.items()}], []
+    for step in range(2, STEPS):
+        r_losses.append(_step(backend, cfg, rank, step)[0])
+        backend.apply(DECAY)
+        resumed.append({n: t.clone() for n, t in backend.ema.items()})
+    torch.save({"losses": r_losses, "ema": resumed}, f"{tmp}/zero3_resumed{rank}.pt")
+
+
+def _assemble_pieces(runs: list[dict], i: int) -> dict:
+    """Step i's full EMA tensors from the ranks' pieces: ZeRO-3's layout is the flat parameter cut into
+    equal pieces in rank order (the padding at the end is not kept)."""
+    first = runs[0]["states"][i]
+    return {n: torch.cat([run["states"][i]["ema"][n] for run in runs]).view(first["layout"][n]["shape"])
+            for n in first["ema"]}
+
+
+def test_zero3_ema_is_hand_computed_resumes_exactly_and_loads_for_inference(tmp_path):
+    """2 processes: the EMA of each rank's ZeRO-3 partitions equals the EMA of the gathered fp32 weights
+    (bit-exact) and the one-process reference's EMA (float tolerance); resume restores it bit-exactly;
+    load_model assembles the ranks' pieces (EMA) and DeepSpeed's partitions (raw)."""
+    run_workers(_zero3_ema_worker, 2, tmp_path, str(tmp_path))
+    ref_losses, _, ref_weights, ref_emas = _reference(2, STEPS)
+    runs = [torch.load(tmp_path / f"zero3_run{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(torch.tensor(runs[0]["losses"], dtype=torch.float64),
+                               torch.tensor(ref_losses, dtype=torch.float64), **LOSS_TOL)
+    layout = runs[1]["states"][0]["layout"]
+    assert any(0 < at["length"] < at["numel"] for at in layout.values()), "the EMA is not partitioned"
+    for i in range(STEPS + 1):
+        full = _assemble_pieces(runs, i)
+        for n, t in runs[0]["states"][i]["hand_ema"].items():
+            assert torch.equal(full[n], t), f"step {i}: EMA {n} is not the EMA of the gathered weights"
+    for i in (1, STEPS):
+        for k, v in ref_emas[i - 1].items():
+            torch.testing.assert_close(runs[0]["states"][i]["hand_ema"][k], v, **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
+        for k, v in ref_weights[i - 1].items():
+            if k in runs[0]["states"][i]["weights"]:
+                torch.testing.assert_close(runs[0]["states"][i]["weights"][k], v, **WEIGHT_TOL,
+                                           msg=lambda m: f"{k}: {m}")
+
+    for r in range(2):
+        resumed = torch.load(tmp_path / f"zero3_resumed{r}.pt", weights_only=True)
+        assert resumed["losses"] == runs[r]["losses"][2:], f"rank {r}: resumed losses differ"
+        for i, ema in enumerate(resumed["ema"]):  # at load (step 2), after steps 3 and 4
+            for n, t in ema.items():
+                assert torch.equal(t, runs[r]["states"][i + 2]["ema"][n]), f"rank {r} step {i + 2} EMA {n}"
+
+    from train.inference_model import load_model
+    step2 = tmp_path / "ckpt" / "step_00000002"
+    ema_model, _, _, used = load_model(step2, weights="ema", log=lambda m: None)
+    raw_model, _, _, used_raw = load_model(step2, weights="raw", log=lambda m: None)
+    assert (used, used_raw) == ("ema", "raw")
+    ema_sd, raw_sd = dict(ema_model.named_parameters()), dict(raw_model.named_parameters())
+    state = runs[0]["states"][2]
+    assert set(ema_sd) == set(state["hand_ema"])
+    for n in ema_sd:
+        assert torch.equal(ema_sd[n].detach(), state["hand_ema"][n]), n
+        assert torch.equal(raw_sd[n].detach(), state["weights"][n]), n
+    assert any(not torch.equal(ema_sd[n], raw_sd[n]) for n in ema_sd)
+
+
+def test_zero3_with_ep_is_refused():
     from parallel.deepspeed import ZERO3_EP_REASON, apply_expert_parallel_zero
-    from train.backends import EMA_ZERO3_REASON, DeepSpeedBackend
 
     class _Mesh:
         def size(self):
             return 2
     with pytest.raises(ValueError, match="parallel.ep=2 with parallel.zero_stage=3: ZeRO-3 would partition"):
         apply_expert_parallel_zero(None, _Mesh(), zero_stage=3)
-    with pytest.raises(ValueError, match=r"train.ema_decay > 0 with parallel.zero_stage=3: ZeRO-3 partitions"):
-        DeepSpeedBackend(None, {"zero_optimization": {"stage": 3}}, Path("unused"), 1, None, ema=True)
-    assert "expert" in ZERO3_EP_REASON and "EMA" in EMA_ZERO3_REASON
+    assert "expert" in ZERO3_EP_REASON

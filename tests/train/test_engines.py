@@ -1,7 +1,7 @@
 """The torch engine and DeepSpeed ZeRO-2 on the same config: the same learning rate at every update
 (one schedule, train/backends.py lr_schedule) and the same losses within float tolerance; on 2
 processes with expert parallelism 2, gradient accumulation and an EMA, also the same gradient norms and
-the same raw and EMA weights as loaded for inference (train/sample.py load_model)."""
+the same raw and EMA weights as loaded for inference (train/inference_model.py load_model)."""
 
 import json
 import subprocess
@@ -40,7 +40,7 @@ def test_torch_and_deepspeed_engines_agree(tmp_path, shapes):
 def test_torch_and_deepspeed_engines_agree_with_expert_parallelism(tmp_path, shapes):
     import torch
 
-    from train.sample import load_model
+    from train.inference_model import load_model
     extra = ("train.grad_accum=2", "train.ema_decay=0.9", "train.sample_every=0")
     torch_rows = _run("fsdp_ep", tmp_path / "torch", shapes, procs=2, extra=extra)
     ds_rows = _run("deepspeed_zero2", tmp_path / "ds", shapes, procs=2, extra=(*extra, "parallel.ep=2"))
