@@ -323,20 +323,17 @@ def saved_ema(step_dir: Path, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def assemble_ema_partitions(step_dir: str | Path) -> dict[str, torch.Tensor]:
     """The full EMA tensors of a ZeRO-3 checkpoint from its ranks' `ema_rank<r>.pt` pieces (one process, no
-    DeepSpeed): each piece goes to its offset in the flat parameter, which must be covered exactly."""
+    DeepSpeed): the pieces, in offset order, must tile each flat parameter."""
     files = sorted((Path(step_dir) / WEIGHTS_DIR).glob(EMA_RANK_GLOB))
     parts = [torch.load(f, weights_only=True) for f in files]
     out = {}
     for n, first in parts[0].items():
-        flat = torch.empty(first["numel"], dtype=first["ema"].dtype)
-        covered = 0
-        for part in parts:
-            piece = part[n]
-            flat.narrow(0, piece["offset"], piece["length"]).copy_(piece["ema"])
-            covered += piece["length"]
-        if covered != first["numel"]:
-            raise ValueError(f"{step_dir}: the EMA pieces of {n} cover {covered} of its {first['numel']} elements")
-        out[n] = flat.view(first["shape"])
+        pieces = sorted((part[n] for part in parts if part[n]["length"]), key=lambda piece: piece["offset"])
+        starts = [piece["offset"] for piece in pieces]
+        ends = [piece["offset"] + piece["length"] for piece in pieces]
+        if starts != [0, *ends[:-1]] or ends[-1:] != [first["numel"]]:
+            raise ValueError(f"{step_dir}: the EMA pieces of {n} do not tile its {first['numel']} elements")
+        out[n] = torch.cat([piece["ema"] for piece in pieces]).view(first["shape"])
     return out
 
 

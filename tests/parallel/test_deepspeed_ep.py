@@ -374,6 +374,25 @@ def test_zero3_ema_is_hand_computed_resumes_exactly_and_loads_for_inference(tmp_
     assert any(not torch.equal(ema_sd[n], raw_sd[n]) for n in ema_sd)
 
 
+def test_zero3_ema_pieces_assemble_in_offset_order_or_are_refused(tmp_path):
+    """9 elements over 2 ranks (pieces of 5, the second padded, kept without its padding): the pieces give the
+    tensor whatever the file order; a piece at the wrong offset is an error, not a silently shifted tensor."""
+    from parallel.deepspeed import EMA_RANK_FILE, WEIGHTS_DIR, assemble_ema_partitions
+    full = torch.arange(9.0).view(3, 3)
+    (tmp_path / WEIGHTS_DIR).mkdir()
+
+    def write(offsets):
+        for rank, offset in enumerate(offsets):
+            piece = full.reshape(-1)[offset:offset + 5]
+            torch.save({"w": {"ema": piece, "shape": [3, 3], "numel": 9, "offset": offset, "length": len(piece)}},
+                       tmp_path / WEIGHTS_DIR / EMA_RANK_FILE.format(rank))
+    write([5, 0])
+    assert torch.equal(assemble_ema_partitions(tmp_path)["w"], full)
+    write([0, 4])
+    with pytest.raises(ValueError, match="do not tile"):
+        assemble_ema_partitions(tmp_path)
+
+
 def test_zero3_with_ep_is_refused():
     from parallel.deepspeed import ZERO3_EP_REASON, apply_expert_parallel_zero
 
