@@ -1,6 +1,7 @@
 """The training loop: data -> frozen encoders -> masked rectified-flow loss -> backward -> clip ->
 optimizer -> LR schedule -> EMA, with exact resume, non-finite-loss handling and signal-driven
-checkpoints (SIGTERM / SIGUSR1: save and exit cleanly, for slurm requeue).
+checkpoints (SIGTERM / SIGUSR1: save and exit cleanly, for slurm requeue). `run` validates, joins the
+process group and runs a `Trainer` (`fit`: the loop; `train_step`: one optimizer step).
 
 Everything that can be validated is validated before the process group is created (train/config.py).
 """
@@ -129,7 +130,7 @@ def run(cfg: AppConfig) -> dict:
     config_dict["model_resolved"] = config_to_dict(mcfg)
     signals = _Signals()
     try:
-        summary = _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
+        summary = Trainer(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals).fit()
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -193,141 +194,202 @@ def _frozen_encoders(dcfg, device, use_bf16: bool) -> FrozenEncoders | None:
     return FrozenEncoders(dcfg, device, vae=dcfg.kind == "image")
 
 
-def _train(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals) -> dict:
-    tc, distributed = cfg.train, world > 1
-    model = _build(mcfg, pcfg, tc, world, device)
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    if pcfg.engine == "deepspeed":
-        backend = DeepSpeedBackend(model, deepspeed_config(cfg, pcfg, use_bf16), run_dir / "checkpoints",
-                                   tc.keep_last, schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps),
-                                   ema=tc.ema_decay > 0)
-        autocast = nullcontext()  # DeepSpeed casts the module itself (bf16 config)
-    else:
+class Trainer:
+    """One run on this rank: the model as parallelized, its engine (optimizer, schedule, EMA,
+    checkpoints), the data stream, metrics and the loss's RNG; `fit` runs the loop, `train_step` one
+    optimizer step."""
+
+    def __init__(self, cfg: AppConfig, mcfg, pcfg, world: int, rank: int, device: torch.device, run_dir: Path,
+                 config_dict: dict, signals: _Signals):
+        self.cfg, self.mcfg, self.pcfg, self.tc = cfg, mcfg, pcfg, cfg.train
+        self.world, self.rank, self.device, self.run_dir = world, rank, device, run_dir
+        self.config_dict, self.signals = config_dict, signals
+        self.model = _build(mcfg, pcfg, self.tc, world, device)
+        self.use_bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and device.type == "cuda")
+        self.backend, self.autocast = self._engine()
+        self.net = self.backend.net  # what the loss calls forward on
+        self.loader = make_loader(cfg.data, rank=rank, world_size=world,
+                                  transform=_frozen_encoders(cfg.data, device, self.use_bf16))
+        self.metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=self.tc.wandb_mode,
+                               project=self.tc.wandb_project, name=self.tc.name)
+        self.state = TrainState()
+        torch.manual_seed(self.tc.seed * 1_000_003 + rank)
+        # The loss's own RNG (noise, timesteps, MaskDiT masks, text dropout): a dedicated generator, so
+        # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
+        # Ranks draw differently.
+        self.flow_gen = torch.Generator(device=device).manual_seed(self.tc.seed * 1_000_003 + rank)
+        self.images_per_step = cfg.data.batch_size * world * self.tc.grad_accum
+        self.flops = train_step_flops(mcfg, self.images_per_step, text_len=mcfg.text_len)
+        self.peak = device_peak_flops(device, self.tc.peak_tflops)
+        self.progress = Progress(self.tc.steps, 0)
+        self.first_loss = self.last_loss = None
+
+    def _engine(self):
+        """(backend, autocast context) of parallel.engine."""
+        cfg, tc = self.cfg, self.tc
+        checkpoints = self.run_dir / "checkpoints"
+        if self.pcfg.engine == "deepspeed":
+            backend = DeepSpeedBackend(self.model, deepspeed_config(cfg, self.pcfg, self.use_bf16), checkpoints,
+                                       tc.keep_last, schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps),
+                                       ema=tc.ema_decay > 0)
+            return backend, nullcontext()  # DeepSpeed casts the module itself (bf16 config)
+        model = self.model
         opt = _optimizer(model, cfg.optim)
         ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
         backend = TorchBackend(model, opt, lr_schedule(opt, cfg.optim, tc.steps), ema,
-                               Checkpointer(run_dir / "checkpoints", keep_last=tc.keep_last,
-                                            async_save=tc.async_ckpt),
+                               Checkpointer(checkpoints, keep_last=tc.keep_last, async_save=tc.async_ckpt),
                                lambda: clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    net = backend.net  # what the loss calls forward on
-    encoders = _frozen_encoders(cfg.data, device, use_bf16)
-    loader = make_loader(cfg.data, rank=rank, world_size=world, transform=encoders)
-    metrics = Metrics(run_dir, config_dict, enabled=rank == 0, wandb_mode=tc.wandb_mode,
-                      project=tc.wandb_project, name=tc.name)
-    state = TrainState()
-    torch.manual_seed(tc.seed * 1_000_003 + rank)
-    # The loss's own RNG (noise, timesteps, MaskDiT masks, text dropout): a dedicated generator, so
-    # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
-    # Ranks draw differently.
-    flow_gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + rank)
-    resume_from = {"auto": backend.latest(), "none": None}.get(tc.resume, tc.resume)
-    if resume_from is not None:
-        saved = backend.load(Path(resume_from))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+        return backend, autocast
+
+    def resume(self) -> Path | None:
+        """Load train.resume (auto: the latest checkpoint); the checkpoint resumed from, or None."""
+        tc = self.tc
+        path = {"auto": self.backend.latest(), "none": None}.get(tc.resume, tc.resume)
+        if path is None:
+            return None
+        saved = self.backend.load(Path(path))
         if saved is None:  # saved at another world size: rank 0's counters, every rank's data position
-            states = saved_train_states(resume_from)
-            state = TrainState.from_dict({**states[0], "rng": {}})
-            loader.restore([s["data"] for s in states])
-            _log0(f"resumed from {resume_from} at step {state.step}, saved by {len(states)} ranks: the data "
-                  f"stream continues its epoch over {world} ranks; RNG starts afresh")
+            states = saved_train_states(path)
+            self.state = TrainState.from_dict({**states[0], "rng": {}})
+            self.loader.restore([s["data"] for s in states])
+            _log0(f"resumed from {path} at step {self.state.step}, saved by {len(states)} ranks: the data "
+                  f"stream continues its epoch over {self.world} ranks; RNG starts afresh")
         else:
-            state = TrainState.from_dict(saved)
-            loader.load_state_dict(state.data)
-            _log0(f"resumed from {resume_from} at step {state.step}")
-    images_per_step = cfg.data.batch_size * world * tc.grad_accum
-    tokens_per_step = images_per_step * mcfg.kept_tokens
-    flops = train_step_flops(mcfg, images_per_step, text_len=mcfg.text_len)
-    peak = device_peak_flops(device, tc.peak_tflops)
-    progress = Progress(tc.steps, state.step)
-    _log0(f"{mcfg.name}: {sum(p.numel() for p in model.parameters())} local params, {world} ranks, "
-          f"ep {pcfg.ep}, engine {pcfg.engine}, {images_per_step} images/step, run dir {run_dir}")
+            self.state = TrainState.from_dict(saved)
+            self.loader.load_state_dict(self.state.data)
+            _log0(f"resumed from {path} at step {self.state.step}")
+        if self.state.rng:
+            restore_rng(self.state.rng)
+            self.flow_gen.set_state(decode_state(self.state.rng["flow"]))
+        return Path(path)
 
-    def save(step_state: TrainState) -> None:
-        step_state.rng = {**capture_rng(), "flow": encode_state(flow_gen.get_state().cpu())}
-        step_state.data = loader.state_dict()
-        backend.save(step_state.step, step_state.to_dict(), config_dict)
+    def save(self) -> None:
+        """Checkpoint the engine with this rank's train state (RNG, data position)."""
+        self.state.rng = {**capture_rng(), "flow": encode_state(self.flow_gen.get_state().cpu())}
+        self.state.data = self.loader.state_dict()
+        self.backend.save(self.state.step, self.state.to_dict(), self.config_dict)
 
-    first_loss = last_loss = None
-    last_saved = state.step if resume_from is not None else -1
-    batches = iter(loader)
-    if state.rng:
-        restore_rng(state.rng)
-        flow_gen.set_state(decode_state(state.rng["flow"]))
-    stats = []
-    while state.step < tc.steps:
-        backend.zero_grad()
-        loss_sum = torch.zeros((), device=device)
-        logging_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == tc.steps
-        for micro in range(tc.grad_accum):
+    def forward_backward(self, batches, collect_stats: bool) -> tuple[torch.Tensor, list]:
+        """Loss and backward of train.grad_accum micro-batches: (the mean flow loss, NaN if any micro-batch's
+        loss was non-finite; the last micro-batch's MoE statistics)."""
+        accum = self.tc.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        stats: list = []
+        dt = torch.bfloat16 if getattr(self.backend, "bf16", False) else None
+        for micro in range(accum):
             try:
                 batch = next(batches)
             except TooManyBadSamples as e:
                 raise StopTraining(str(e)) from e
-            backend.sync_grads(micro == tc.grad_accum - 1)
-            dt = torch.bfloat16 if getattr(backend, "bf16", False) else None
-            x0 = batch["latent"].to(device, dtype=dt, non_blocking=True)
-            ctx = batch["text_emb"].to(device, dtype=x0.dtype, non_blocking=True)
-            mask = batch["text_mask"].to(device)
-            with autocast:
-                out = flow_loss(net, x0, ctx, mask, cfg.flow, generator=flow_gen, collect_stats=logging_step)
-            finite = backend.micro_step(out["loss"], tc.grad_accum)  # a non-finite one makes the step skipped
-            loss_sum += torch.where(finite, out["flow_loss"].float(), float("nan")) / tc.grad_accum
+            self.backend.sync_grads(micro == accum - 1)
+            x0 = batch["latent"].to(self.device, dtype=dt, non_blocking=True)
+            ctx = batch["text_emb"].to(self.device, dtype=x0.dtype, non_blocking=True)
+            mask = batch["text_mask"].to(self.device)
+            with self.autocast:
+                out = flow_loss(self.net, x0, ctx, mask, self.cfg.flow, generator=self.flow_gen,
+                                collect_stats=collect_stats)
+            finite = self.backend.micro_step(out["loss"], accum)  # a non-finite one makes the step skipped
+            loss_sum += torch.where(finite, out["flow_loss"].float(), float("nan")) / accum
             stats = out["out"].moe_stats
+        return loss_sum, stats
+
+    def train_step(self, batches) -> bool:
+        """One optimizer step (or one skipped step, if any rank's loss was non-finite), logged every
+        train.log_every steps; whether a rank was asked to stop (a signal)."""
+        tc, state, backend = self.tc, self.state, self.backend
+        backend.zero_grad()
+        logging_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == tc.steps
+        loss_sum, stats = self.forward_backward(batches, collect_stats=logging_step)
         moe_names, moe_values = moe_scalar_tensors(stats) if logging_step else ([], torch.zeros(0))
-        counts = _data_counts(loader, device) if logging_step else torch.zeros(0)
-        flags = step_flags(loss_sum, signals.received is not None, counts, world)
+        counts = _data_counts(self.loader, self.device) if logging_step else torch.zeros(0)
+        flags = step_flags(loss_sum, self.signals.received is not None, counts, self.world)
         grad_norm_t = backend.clip_grads()  # clipped even if a loss was non-finite: the update is skipped below
         # The step's one host sync, unavoidable: whether to update and whether to stop are host branches
         # that every rank must take alike. A logged step's values come with it.
         values = torch.cat([grad_norm_t.reshape(1).to(flags), flags, moe_values.to(flags)]).tolist()
         grad_norm, loss_total, nonfinite, stop = values[:4]
-        logged = values[4:]  # data counts, then the MoE scalars
         state.step += 1
-        state.samples_seen += images_per_step
+        state.samples_seen += self.images_per_step
         if nonfinite > 0:
-            state.nan_streak += 1
-            state.nan_total += 1
-            backend.zero_grad()
-            _log0(f"step {state.step}: non-finite loss, update skipped ({state.nan_streak} in a row)")
-            if state.nan_streak >= tc.max_nan_steps:
-                backend.wait()  # publish a pending async checkpoint (every rank stops here together)
-                raise StopTraining(f"{state.nan_streak} non-finite losses in a row (train.max_nan_steps="
-                                   f"{tc.max_nan_steps}); last good checkpoint: {backend.latest()}")
-        else:
-            state.nan_streak = 0
-            backend.apply(tc.ema_decay)
-            loss_value = loss_total / world
-            first_loss = loss_value if first_loss is None else first_loss
-            last_loss = loss_value
-            if logging_step:  # (state.step was advanced above)
-                data = {"loss": loss_value, "lr": backend.lr(), "grad_norm": grad_norm,
-                        "samples_seen": state.samples_seen, "nan_total": state.nan_total}
-                data.update(_data_named(logged[:counts.numel()]))
-                data.update(zip(moe_names, logged[counts.numel():]))
-                metrics.log(data, state.step)
-                _log0(progress.line(state.step, loss_value, images_per_step, tokens_per_step, flops, peak))
-        if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop > 0:
-            save(state)
-            last_saved = state.step
-        if stop > 0:
-            _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
-            break
-        if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
-            _sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device)
-    backend.wait()
-    if last_saved != state.step:
-        save(state)
-        backend.wait()
-    if tc.check_replicas:
-        _check_replicas(net)
-    summary = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"), "step": state.step,
-               "first_loss": first_loss, "last_loss": last_loss, "wandb_dir": metrics.wandb_dir,
-               "stopped_by_signal": signals.received is not None,
-               "data": _data_totals(loader, distributed, device)}
-    if signals.received is None and state.step >= tc.steps:
-        summary.update(_sample_outputs(cfg, model, metrics, run_dir, rank, state.step, device))
-    metrics.close()
-    return summary
+            self._skip_update()
+            return stop > 0
+        state.nan_streak = 0
+        backend.apply(tc.ema_decay)
+        self.first_loss = loss_total / self.world if self.first_loss is None else self.first_loss
+        self.last_loss = loss_total / self.world
+        if logging_step:
+            logged = values[4:]  # data counts, then the MoE scalars
+            self._log(grad_norm, {**_data_named(logged[:counts.numel()]),
+                                  **dict(zip(moe_names, logged[counts.numel():]))})
+        return stop > 0
+
+    def _skip_update(self) -> None:
+        """A non-finite step: no update; stop after train.max_nan_steps in a row."""
+        state, tc = self.state, self.tc
+        state.nan_streak += 1
+        state.nan_total += 1
+        self.backend.zero_grad()
+        _log0(f"step {state.step}: non-finite loss, update skipped ({state.nan_streak} in a row)")
+        if state.nan_streak >= tc.max_nan_steps:
+            self.backend.wait()  # publish a pending async checkpoint (every rank stops here together)
+            raise StopTraining(f"{state.nan_streak} non-finite losses in a row (train.max_nan_steps="
+                               f"{tc.max_nan_steps}); last good checkpoint: {self.backend.latest()}")
+
+    def _log(self, grad_norm: float, extra: dict) -> None:
+        """metrics.jsonl / wandb and the console line of a logged step."""
+        state = self.state
+        self.metrics.log({"loss": self.last_loss, "lr": self.backend.lr(), "grad_norm": grad_norm,
+                          "samples_seen": state.samples_seen, "nan_total": state.nan_total, **extra}, state.step)
+        _log0(self.progress.line(state.step, self.last_loss, self.images_per_step,
+                                 self.images_per_step * self.mcfg.kept_tokens, self.flops, self.peak))
+
+    def fit(self) -> dict:
+        """Resume, train to train.steps (or until a signal), checkpoint, check the replicas, sample; the
+        run's summary."""
+        tc = self.tc
+        resumed = self.resume()
+        state = self.state
+        self.progress = Progress(tc.steps, state.step)
+        _log0(f"{self.mcfg.name}: {sum(p.numel() for p in self.model.parameters())} local params, {self.world} "
+              f"ranks, ep {self.pcfg.ep}, engine {self.pcfg.engine}, {self.images_per_step} images/step, run dir "
+              f"{self.run_dir}")
+        last_saved = state.step if resumed is not None else -1
+        batches = iter(self.loader)
+        while state.step < tc.steps:
+            stop = self.train_step(batches)
+            if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop:
+                self.save()
+                last_saved = state.step
+            if stop:
+                _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
+                break
+            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+                self.sample_outputs()
+        self.backend.wait()
+        if last_saved != state.step:
+            self.save()
+            self.backend.wait()
+        if tc.check_replicas:
+            _check_replicas(self.net)
+        return self.summary()
+
+    def summary(self) -> dict:
+        """Paths, losses, steps and data counts of the run; the final samples once it is finished."""
+        state = self.state
+        out = {"run_dir": str(self.run_dir), "checkpoints": str(self.run_dir / "checkpoints"), "step": state.step,
+               "first_loss": self.first_loss, "last_loss": self.last_loss, "wandb_dir": self.metrics.wandb_dir,
+               "stopped_by_signal": self.signals.received is not None,
+               "data": _data_totals(self.loader, self.world > 1, self.device)}
+        if self.signals.received is None and state.step >= self.tc.steps:
+            out.update(self.sample_outputs())
+        self.metrics.close()
+        return out
+
+    def sample_outputs(self) -> dict:
+        """The sample grid and expert heatmap at this step (collective)."""
+        return _sample_outputs(self.cfg, self.model, self.metrics, self.run_dir, self.rank, self.state.step,
+                               self.device)
 
 
 def _check_replicas(net: torch.nn.Module) -> None:
