@@ -11,7 +11,8 @@ shapes dataset never shows) or `training_prompts` (--split train). Sample k of p
 the noise of index i * samples_per_prompt + k (train.generate.prompt_noise), so every image has its own noise.
 `--weights ema|raw` (default ema) as in train.sample; eval.json records which weights were evaluated.
 
-Writes OUT/eval.json (overall = mean of the per-category accuracies, per_category, n, sample_accuracy, the
+Writes OUT/eval.json (overall = mean of the per-category strict accuracies, per_category, n, sample_accuracy,
+partial_overall / partial_per_category / attributes: the per-attribute credit of data/scorer.py, the
 settings, timing, fid, and per sample its caption, correctness and the scorer's reason) and OUT/grid.png
 (captioned, "[ok]" / "[x]"). FID against real images needs --fid-real and --inception-weights (a local
 Inception-v3 FID weights file; nothing is downloaded) and torch-fidelity (directly or via torchmetrics);
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.scorer import score_image, summarize
+from data.scorer import ATTRIBUTES, attribute_credit, partial_score, score_image, summarize, summarize_attributes
 from data.synthetic import (CATEGORIES, HELDOUT_PAIRS, caption_of, heldout_prompts, parse_caption,
                             stated_heldout, training_prompts)
 from train.cli import (OneLineParser, add_encoder_args, add_generation_args, check_generation_args, check_positive,
@@ -92,16 +93,21 @@ def read_prompt_file(path: str | Path) -> list[dict]:
 # ---- scoring and evaluation ---------------------------------------------------------------------
 
 def score_images(images, prompts: Sequence[dict]) -> dict:
-    """Score images against prompt structures: `summarize` (overall, per_category, n, sample_accuracy)
-    plus "results", per image {"correct", "reason"}. images: [N, 3, H, W] in [-1, 1] (what the VAE
+    """Score images against prompt structures: `summarize` (overall, per_category, n, sample_accuracy),
+    `summarize_attributes` (attributes, partial_per_category, partial_overall) and "results", per image
+    {"correct", "reason", "partial", "credit"}. images: [N, 3, H, W] in [-1, 1] (what the VAE
     decodes to) or a sequence of uint8 [H, W, 3] arrays."""
     if isinstance(images, torch.Tensor):
         images = to_uint8(images)  # [N, H, W, 3]
     if len(images) != len(prompts):
         raise ValueError(f"score_images: {len(images)} images for {len(prompts)} prompts")
-    scored = [score_image(np.asarray(img), p) for img, p in zip(images, prompts)]
-    summary = summarize([p["category"] for p in prompts], [ok for ok, _ in scored])
-    return dict(summary, results=[{"correct": ok, "reason": reason} for ok, reason in scored])
+    images = [np.asarray(img) for img in images]
+    scored = [score_image(img, p) for img, p in zip(images, prompts)]
+    credits = [attribute_credit(img, p) for img, p in zip(images, prompts)]
+    categories = [p["category"] for p in prompts]
+    summary = dict(summarize(categories, [ok for ok, _ in scored]), **summarize_attributes(categories, credits))
+    return dict(summary, results=[{"correct": ok, "reason": reason, "partial": partial_score(c), "credit": c}
+                                  for (ok, reason), c in zip(scored, credits)])
 
 
 def evaluate(model, text_encoder: Callable, vae, prompts: Sequence[dict], samples_per_prompt: int = 1,
@@ -329,7 +335,8 @@ def _run(args: argparse.Namespace) -> int:
     marks = [f"[{'ok' if x['correct'] else 'x'}] {x['caption']}" for x in r["results"][:shown]]
     save_png(image_grid(images[:shown], nrow=args.nrow, captions=marks), out / "grid.png")
     results = r.pop("results")
-    summary = {k: r[k] for k in ("overall", "per_category", "n", "sample_accuracy", "heldout_accuracy")}
+    summary = {k: r[k] for k in ("overall", "per_category", "n", "sample_accuracy", "heldout_accuracy",
+                                 "partial_overall", "partial_per_category", "attributes")}
     report = dict(
         checkpoint=str(folder), weights=weights, model=cfg.name, prompts=source, num_prompts=len(prompts),
         samples_per_prompt=args.samples_per_prompt, **summary, fid=fid, fid_skipped=fid_skipped,
@@ -346,6 +353,9 @@ def _run(args: argparse.Namespace) -> int:
     per = ", ".join(f"{c} {summary['per_category'][c]:.2f}" for c in CATEGORIES if c in summary["per_category"])
     print(f"[eval] overall {summary['overall']:.3f} ({per}; {sum(x['correct'] for x in results)}/{n} images correct)"
           + (f", FID {fid:.2f}" if fid is not None else ""))
+    attrs = ", ".join(f"{a} {summary['attributes'][a]:.2f}" for a in ATTRIBUTES if a in summary["attributes"])
+    print(f"[eval] per attribute: partial {summary['partial_overall']:.3f} ({attrs}; chance: 0.23 partial, "
+          f"0.03 strict)")
     print(f"[eval] wrote {out / 'eval.json'} and {out / 'grid.png'} in {time.perf_counter() - t0:.1f}s")
     return 0
 

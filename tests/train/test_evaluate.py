@@ -42,10 +42,13 @@ def test_score_images_discriminates_matching_from_mismatched_prompts(truth):
     images, prompts = [s[0] for s in truth], [s[2] for s in truth]
     right = score_images(_as_tensor(images), prompts)
     assert right["overall"] == 1.0 and right["n"] == 240, [r for r in right["results"] if not r["correct"]][:3]
-    assert all(r == {"correct": True, "reason": "ok"} for r in right["results"])
-    assert right["per_category"] == score_batch(images, prompts)["per_category"]  # the scorer's own summary
+    assert all(r["correct"] and r["reason"] == "ok" and r["partial"] == 1.0 for r in right["results"])
+    own = score_batch(images, prompts)  # the scorer's own summaries
+    assert right["per_category"] == own["per_category"] and right["attributes"] == own["attributes"]
+    assert right["partial_overall"] == 1.0
     wrong = score_images(images, prompts[1:] + prompts[:1])  # uint8 arrays, every image with another prompt
     assert wrong["overall"] <= 0.2 and wrong["sample_accuracy"] <= 0.2, wrong["per_category"]
+    assert wrong["partial_overall"] <= 0.4, wrong["attributes"]
     assert all(r["reason"] != "ok" for r in wrong["results"] if not r["correct"])
     # held-out compositions are scored like any other: ground truth drawn for them is correct
     held = [i for i, p in enumerate(prompts) if stated_heldout(p)]
