@@ -4,7 +4,7 @@ config and which weights were loaded; plus the encoder settings and checks that 
 
 A step directory's model is built from its config.json["model_resolved"] (the training app), or
 ["model"] when that is a full DiTConfig dict. Weights: "ema" (the default) takes the EMA of the parameters
-that the torch engine saves with train.ema_decay > 0 and falls back to the raw weights, with a printed
+that both engines save with train.ema_decay > 0 (DCP or DeepSpeed checkpoints) and falls back to the raw weights, with a printed
 note, when the checkpoint has none; "raw" takes the trained parameters. Buffers, the routers'
 dynamic-inference thresholds among them, come from the raw model state either way (the EMA covers
 parameters only).
@@ -62,8 +62,7 @@ def pick_weights(kind: str, folder: Path, weights: str, log: Callable[[str], Non
     if weights == "raw":
         raise SampleError(f"--weights raw: the export {folder} holds EMA weights only; export the checkpoint "
                           f"again with --weights raw")
-    log(f"--weights ema: {folder} holds no EMA weights (trained with train.ema_decay=0 or by "
-        f"DeepSpeed); using the raw weights")
+    log(f"--weights ema: {folder} holds no EMA weights (trained with train.ema_decay=0); using the raw weights")
     return "raw"
 
 
