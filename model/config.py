@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 class MoEConfig:
     """The MoE FFN that replaces the dense FFN in every other block (from the second).
 
-    expert_choice: each expert takes its top-C tokens of a routing group, C = G * capacity_factor / E.
+    expert_choice: each expert takes its top-Q tokens of a routing group, Q = G * capacity_factor / E.
     token_choice: GShard top-k; each expert keeps at most ceil(tc_capacity_factor * top_k * G / E)
     tokens per group, overflow is dropped (passes through the residual); load-balancing aux loss.
     diffmoe: expert choice over a batch-level token pool (group "batch"; with `global_pool` across
@@ -47,7 +47,7 @@ class MoEConfig:
     to predict which experts take a token) whose per-expert thresholds drive "dynamic" inference.
 
     Every expert-choice router (expert_choice, diffmoe) tracks per expert an EMA of the training-time
-    cut-off score (the C-th best score of a group: the affinity, or the predictor's score for diffmoe);
+    cut-off score (the Q-th best score of a group: the affinity, or the predictor's score for diffmoe);
     "dynamic" inference lets each expert take the tokens whose score passes threshold * dynamic_multiplier.
     """
 
@@ -124,7 +124,7 @@ class MoEConfig:
 
     @property
     def is_expert_choice(self) -> bool:
-        """expert_choice or diffmoe: experts pick tokens (top-C of a group), no auxiliary loss."""
+        """expert_choice or diffmoe: experts pick tokens (top-Q of a group), no auxiliary loss."""
         return self.router != "token_choice"
 
     def capacity(self, group_tokens: int) -> int:
