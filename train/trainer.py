@@ -351,7 +351,7 @@ class Trainer:
         resumed = self.resume()
         state = self.state
         self.progress = Progress(tc.steps, state.step)
-        _log0(f"{self.mcfg.name}: {sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())} params, {self.world} "
+        _log0(f"{self.mcfg.name}: {sum(getattr(p, 'ds_numel', p.numel()) for p in self.model.parameters())} params, {self.world} "
               f"ranks, ep {self.pcfg.ep}, engine {self.pcfg.engine}, {self.images_per_step} images/step, run dir "
               f"{self.run_dir}")
         last_saved = state.step if resumed is not None else -1
