@@ -15,7 +15,8 @@ Calibration (600 generator samples at 32 px, tests/data/test_synthetic.py): the 
 score 1.00 strict and 1.00 partial (every attribute 1.00). Images paired with another sample's prompt (a
 model that draws clean objects but ignores the text) score 0.03 strict and 0.23 partial (colour 0.25, shape
 0.34, count 0.10, relation 0.00): that is chance. A random model (uniform noise images) scores 0.00 strict
-and 0.00 partial: scattered pixels of one colour are too small or too sparse to count as objects.
+and 0.02 partial (colour 0.06): scattered pixels of one colour are too small or too sparse to count as
+objects or as a coloured region.
 """
 
 from __future__ import annotations
@@ -154,15 +155,22 @@ def _members(objs: list[Detected], group: dict) -> list[Detected]:
     return [o for o in objs if o.shape == group["shape"] and (group["color"] is None or o.color == group["color"])]
 
 
+def _color_present(image: np.ndarray, color: str) -> bool:
+    """Some connected region of `color` is as large as an object, whatever its shape (so a blurry or
+    fragmented drawing in the right colour counts; scattered pixels do not)."""
+    min_area = max(4, round(16 * (image.shape[0] / 32) ** 2))
+    return any(len(pix) >= min_area for pix in components(color_labels(image) == _NAMES.index(color)))
+
+
 def attribute_credit(image: np.ndarray, prompt: dict) -> dict[str, float | None]:
     """Partial credit per attribute in [0, 1] (None where the prompt states none): color, the share of the
-    stated colours some object has; shape, the share of the groups whose shape some object has (any colour);
+    stated colours that the image shows (`_color_present`: the region need not be a clean object); shape, the share of the groups whose shape some object has (any colour);
     count, the share of the groups with exactly their count of objects (of their shape and stated colour);
     relation, whether those objects of the two groups stand in the stated relation."""
     objs, groups = detect(image), prompt["groups"]
-    colored = [g for g in groups if g["color"]]
+    colors = sorted({g["color"] for g in groups if g["color"]})
     credit: dict[str, float | None] = {
-        "color": float(np.mean([any(o.color == g["color"] for o in objs) for g in colored])) if colored else None,
+        "color": float(np.mean([_color_present(image, c) for c in colors])) if colors else None,
         "shape": float(np.mean([any(o.shape == g["shape"] for o in objs) for g in groups])),
         "count": float(np.mean([len(_members(objs, g)) == g["count"] for g in groups])),
         "relation": None,

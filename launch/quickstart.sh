@@ -24,4 +24,4 @@ done
 echo "[quickstart] training: torchrun --standalone --nproc_per_node=2 -m train experiment=cpu_small $*"
 .venv/bin/torchrun --standalone --nproc_per_node=2 -m train experiment=cpu_small "$@"
 echo "[quickstart] scoring the final checkpoint on 24 in-distribution prompts (data/scorer.py; chance is 0.03 strict, 0.23 partial)"
-.venv/bin/python -m train.evaluate --checkpoint "$run_dir/checkpoints" --split train --num-prompts 24 --out "$run_dir/eval"
+.venv/bin/python -m train.evaluate --checkpoint "$run_dir/checkpoints" --split train --num-prompts 24 --steps 10 --out "$run_dir/eval"
