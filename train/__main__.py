@@ -90,7 +90,7 @@ def main() -> None:
     conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
     problem = _composition_error(conf_dir, sys.argv[1:])
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        _error(problem)
         sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
@@ -102,17 +102,23 @@ def main() -> None:
         try:
             app: AppConfig = OmegaConf.to_object(cfg)  # runs the dataclasses' own checks (e.g. DataConfig)
         except (ValueError, OmegaConfBaseException) as e:
-            print(f"error: {_first_line(e)}", file=sys.stderr)
+            _error(_first_line(e))
             sys.exit(2)
         try:
             summary = run(app)
         except (ConfigError, StopTraining) as e:
-            print(f"error: {e}", file=sys.stderr)
+            _error(str(e))
             sys.exit(2)
         if int(os.environ.get("RANK", 0)) == 0:
             _print_summary(summary, sys.argv[1:])
 
     _app()
+
+
+def _error(message: str) -> None:
+    """`error: <message>` on stderr in one write, so that the lines of several ranks do not interleave."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def _first_line(e: Exception) -> str:
