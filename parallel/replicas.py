@@ -47,16 +47,16 @@ def diverged(module: nn.Module) -> list[str]:
     every rank gets the same list). Empty in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return []
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     names, prints, ids = [], [], []
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         data, holder = _holder(t)
         names.append(name)
-        prints.append(_fingerprint(data).cpu())
+        prints.append(_fingerprint(data).to(device))  # no host sync per tensor
         ids.append(holder)
-    local = torch.cat([torch.stack(prints).reshape(-1), torch.tensor(ids, dtype=torch.float64)])
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    gathered = [torch.empty_like(local, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local.to(device))
+    local = torch.cat([torch.stack(prints).reshape(-1), torch.tensor(ids, dtype=torch.float64, device=device)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
     n = len(names)
     rows = [g.cpu() for g in gathered]
     bad = []

@@ -44,17 +44,16 @@ def _quote_braces(arg: str) -> str:
     return arg
 
 
-def _composition_error(conf_dir: str, overrides: list[str]) -> str | None:
+def _composition_error(overrides: list[str]) -> str | None:
     """None if the overrides compose, else one line naming the first override that breaks composition
     (Hydra's own report spans several lines, or is a traceback)."""
-    from hydra import compose, initialize_config_dir
+    from train.config import compose
 
     args = [a for a in overrides if ("=" in a or a.startswith("~")) and not a.startswith(("-", "hydra"))]
 
     def failure(prefix: list[str]) -> Exception | None:
         try:
-            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-                compose("config", overrides=prefix)
+            compose(prefix)
         except Exception as e:  # noqa: BLE001 - any composition failure is reported as one line
             return e
         return None
@@ -64,14 +63,13 @@ def _composition_error(conf_dir: str, overrides: list[str]) -> str | None:
         return None
     culprit = next((a for i, a in enumerate(args) if failure(args[:i + 1]) is not None), "")
     cause = err.__cause__ if err.__cause__ is not None else err
-    text = str(cause).strip() or type(cause).__name__
-    first = text.splitlines()[0]
-    lines = text.splitlines()
+    lines = (str(cause).strip() or type(cause).__name__).splitlines()
+    first = lines[0]
     start = next((i for i, line in enumerate(lines) if line.startswith("Available options")), len(lines))
     options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), lines[start + 1:])]
     if options:
         first += f" (options: {', '.join(options)})"
-    elif isinstance(cause, AssertionError) and "NoneType" in text:
+    elif isinstance(cause, AssertionError) and "NoneType" in "\n".join(lines):
         parent = culprit.partition("=")[0].rsplit(".", 1)[0]
         first = f"{parent} is null here (a dense preset has no model.moe), so it has no fields to set"
     return f"{culprit}: {first}" if culprit else first
@@ -85,15 +83,14 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from model.config import ConfigError
-    from train.config import register
+    from train.config import CONF_DIR, register
     register()
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-    problem = _composition_error(conf_dir, sys.argv[1:])
+    problem = _composition_error(sys.argv[1:])
     if problem is not None:
         _error(problem)
         sys.exit(2)
 
-    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _app(cfg) -> None:
         from omegaconf.errors import OmegaConfBaseException
 

@@ -112,16 +112,25 @@ def register() -> None:
         cs.store(group="model", name=name, node=model_spec(name))
 
 
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def compose(overrides: list[str]):
+    """The composed (unvalidated) DictConfig of `python -m train <overrides>`: Hydra's compose API over
+    conf/, no run directory, no logging set-up. Call `register` first."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
 def compose_app(overrides: list[str]) -> AppConfig:
-    """The AppConfig that `python -m train <overrides>` trains (Hydra's compose API over conf/; no run
-    directory, no logging set-up): for tools and tests that validate configs in process."""
-    from hydra import compose, initialize_config_dir
+    """The AppConfig that `python -m train <overrides>` trains: for tools and tests that validate configs
+    in process."""
     from omegaconf import OmegaConf
 
     register()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+    return OmegaConf.to_object(compose(overrides))
 
 
 def resolve_model(spec: ModelSpec, dcfg: DataConfig) -> DiTConfig:
