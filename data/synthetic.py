@@ -12,7 +12,8 @@ so `heldout_prompts` measures compositional generalisation (every color and ever
 only these pairings are not); `training_prompts` gives in-distribution prompts for comparison.
 `parse_caption` inverts `caption_of`.
 
-CLI: python -m data.synthetic --out data/shapes --num-samples 5000 [--no-holdout]
+CLI: python -m data.synthetic --out data/shapes --num-samples 5000 [--no-holdout] [--mix quickstart]
+     [--image-size N] [--categories single_object,colors] [--object-size MIN,MAX]
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ GAP = 2  # min pixels between objects' boxes, so connected components never merg
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("purple", "square")})
 # Categories whose captions state a color (the ones a held-out pair can be asked for in).
 COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
+# Named sets (--mix): image size, prompt categories and object side range (None: default_object_size).
+# "quickstart" is the README main job's: 16 px images of one coloured object or a count (2-4) of one kind, objects of
+# 5-7 px, so that a CPU run of minutes learns recognisable shapes (64 tokens of 2x2 pixels).
+MIXES = {
+    "standard": dict(image_size=32, categories=CATEGORIES, object_size=None),
+    "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7)),
+}
 
 
 def _phrase(count: int, color: str | None, shape: str) -> str:
@@ -127,9 +135,14 @@ def _region(relation: str | None, group: int, size: int) -> tuple[int, int, int,
     return (lo, 1, hi, size - 2) if relation in ("left of", "right of") else (1, lo, size - 2, hi)
 
 
-def _place(rng, prompt, size, holdout: bool = False) -> list[dict] | None:
+def default_object_size(image_size: int) -> tuple[int, int]:
+    """Object side range in pixels (min, max) of the standard set: 7-11 px at 32 px, scaled."""
+    return max(5, round(7 * image_size / 32)), max(6, round(11 * image_size / 32))
+
+
+def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int] | None = None) -> list[dict] | None:
     """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
-    smin, smax = max(5, round(7 * size / 32)), max(6, round(11 * size / 32))
+    smin, smax = object_size or default_object_size(size)
     objects, boxes = [], []
     for gi, g in enumerate(prompt["groups"]):
         rx0, ry0, rx1, ry1 = _region(prompt["relation"], gi, size)
@@ -154,26 +167,29 @@ def _place(rng, prompt, size, holdout: bool = False) -> list[dict] | None:
     return objects
 
 
-def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool) -> tuple[dict, list[dict]]:
-    """(prompt, placed objects) of one sample: category uniform; with `holdout` a prompt stating a
-    held-out pair is redrawn within its category (so categories stay uniform) and open colors avoid them.
-    holdout=False consumes the generator exactly as before held-out pairs existed."""
+def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool, categories: tuple[str, ...] = CATEGORIES,
+                 object_size: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
+    """(prompt, placed objects) of one sample: category uniform over `categories`; with `holdout` a prompt
+    stating a held-out pair is redrawn within its category (so categories stay uniform) and open colors
+    avoid them. holdout=False consumes the generator exactly as before held-out pairs existed."""
     while True:
-        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        category = categories[int(rng.integers(len(categories)))]
         prompt = _prompt(rng, category)
         while holdout and stated_heldout(prompt):
             prompt = _prompt(rng, category)
-        objects = _place(rng, prompt, image_size, holdout)
+        objects = _place(rng, prompt, image_size, holdout, object_size)
         if objects is not None:
             return prompt, objects
 
 
-def generate_sample(index: int, seed: int = 0, image_size: int = 32,
-                    holdout: bool = True) -> tuple[np.ndarray, str, dict]:
+def generate_sample(index: int, seed: int = 0, image_size: int = 32, holdout: bool = True,
+                    categories: tuple[str, ...] = CATEGORIES,
+                    object_size: tuple[int, int] | None = None) -> tuple[np.ndarray, str, dict]:
     """Sample `index` of the set: (image uint8 [H, W, 3], caption, prompt structure incl. objects).
-    holdout=True: no object is a (color, shape) pair of HELDOUT_PAIRS."""
+    holdout=True: no object is a (color, shape) pair of HELDOUT_PAIRS. `categories`: the prompt mix
+    (uniform over these); `object_size`: (min, max) object side in pixels (None: `default_object_size`)."""
     rng = np.random.default_rng([seed, index])
-    prompt, objects = _draw_prompt(rng, image_size, holdout)
+    prompt, objects = _draw_prompt(rng, image_size, holdout, categories, object_size)
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
@@ -182,22 +198,29 @@ def generate_sample(index: int, seed: int = 0, image_size: int = 32,
     return np.asarray(img), caption_of(prompt), prompt
 
 
-def training_prompts(n: int, seed: int = 0, image_size: int = 32) -> list[dict]:
+def training_prompts(n: int, seed: int = 0, image_size: int = 32, categories: tuple[str, ...] = CATEGORIES,
+                     object_size: tuple[int, int] | None = None) -> list[dict]:
     """`n` in-distribution prompt structures (category, groups, relation): drawn exactly as the training
-    captions are (held-out pairs excluded), from a random stream of their own (not samples 0..n-1)."""
-    return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True)[0]) for i in range(n)]
+    captions of a set with these settings are (held-out pairs excluded), from a random stream of their own
+    (not samples 0..n-1)."""
+    return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True, categories, object_size)[0])
+            for i in range(n)]
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
-    """`n` prompt structures that each state a held-out (color, shape) pair: prompt i asks for pair
-    i // 4 % 4 (sorted) in category COLOR_CATEGORIES[i % 4], the rest of it drawn as in training
-    (so the first 16 cover every pair in every color-stating category). Deterministic in (n, seed)."""
+def heldout_prompts(n: int, seed: int = 0, categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
+    """`n` prompt structures that each state a held-out (color, shape) pair: with the k color-stating
+    categories among `categories` (COLOR_CATEGORIES order), prompt i asks for pair i // k % 4 (sorted) in
+    the (i % k)-th of them, the rest of it drawn as in training (so the first 4k cover every pair in every
+    such category). Deterministic in (n, seed, categories). ValueError if no category states a color."""
     pairs = sorted(HELDOUT_PAIRS)
+    cats = [c for c in COLOR_CATEGORIES if c in categories]
+    if not cats:
+        raise ValueError(f"categories={','.join(categories)} state no color, so no prompt can ask for a held-out pair")
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i, 2])
-        category = COLOR_CATEGORIES[i % len(COLOR_CATEGORIES)]
-        pair = pairs[(i // len(COLOR_CATEGORIES)) % len(pairs)]
+        category = cats[i % len(cats)]
+        pair = pairs[(i // len(cats)) % len(pairs)]
         while True:  # rejection: about 1 in 12-24 draws states the wanted pair
             prompt = _prompt(rng, category)
             if pair in stated_heldout(prompt):
@@ -259,9 +282,10 @@ def parse_caption(text: str) -> dict:
     return dict(category=category, groups=groups, relation=relation)
 
 
-def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True) -> dict:
+def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True,
+                  categories: tuple[str, ...] = CATEGORIES, object_size: tuple[int, int] | None = None) -> dict:
     """One WebDataset sample: png (lossless, so colors stay exact), txt and json."""
-    image, caption, prompt = generate_sample(index, seed, image_size, holdout)
+    image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(prompt).encode()}
@@ -272,31 +296,57 @@ def shard_pattern(out: str, num_shards: int) -> str:
     return os.path.join(out, f"shapes-{{000000..{num_shards - 1:06d}}}.tar")
 
 
+def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
+              object_size: tuple[int, int] | None = None) -> None:
+    """ValueError naming the setting when the categories or object sizes cannot make samples: an unknown
+    category, a bad size range, or objects too large to place a category's prompts at this image size."""
+    if not categories or any(c not in CATEGORIES for c in categories):
+        raise ValueError(f"categories={','.join(categories)} must be a non-empty subset of {','.join(CATEGORIES)}")
+    if object_size is not None:
+        lo, hi = object_size
+        if not 3 <= lo <= hi < image_size:
+            raise ValueError(f"object_size={lo},{hi} must satisfy 3 <= min <= max < image_size={image_size}")
+    for category in categories:  # every prompt of a category must be placeable: check its worst case
+        rng = np.random.default_rng(0)
+        placed = sum(_place(rng, _prompt(rng, category), image_size, False, object_size) is not None
+                     for _ in range(200))
+        if placed < 20:
+            raise ValueError(f"object_size={','.join(map(str, object_size or default_object_size(image_size)))} is too "
+                             f"large for category {category} at image_size={image_size} ({placed}/200 prompts "
+                             "could be placed); use smaller objects")
+
+
 def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size: int = 32, seed: int = 0,
-                 progress: bool = True, holdout: bool = True) -> str:
+                 progress: bool = True, holdout: bool = True, categories: tuple[str, ...] = CATEGORIES,
+                 object_size: tuple[int, int] | None = None) -> str:
     """Write `num_samples` samples into shards of `shard_size`; returns the brace pattern.
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
-    complete shards are kept (they are deterministic in (seed, index, image_size, holdout)), so `out`
-    must not hold shards written with other settings (checked against its shapes.json: ValueError).
-    shapes.json records the settings, `holdout` and the `heldout_pairs` absent from the set.
+    complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
+    categories, object_size), so `out` must not hold shards written with other settings (checked against
+    its shapes.json: ValueError). shapes.json records the settings and the `heldout_pairs` absent from
+    the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
     from tqdm import tqdm
 
+    check_mix(image_size, categories, object_size)
     os.makedirs(out, exist_ok=True)
     num_shards = (num_samples + shard_size - 1) // shard_size
     meta_path = os.path.join(out, "shapes.json")
-    settings = dict(shard_size=shard_size, image_size=image_size, seed=seed, holdout=holdout)
+    settings = dict(shard_size=shard_size, image_size=image_size, seed=seed, holdout=holdout,
+                    categories=list(categories), object_size=list(object_size or default_object_size(image_size)))
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         old.setdefault("holdout", False)  # written before held-out pairs existed: the holdout=False content
+        old.setdefault("categories", list(CATEGORIES))  # written before the mix was a setting
+        old.setdefault("object_size", list(default_object_size(old.get("image_size", image_size))))
         diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds shards written with {', '.join(diff)}; use another --out or delete it")
     meta = dict(num_samples=num_samples, **settings, heldout_pairs=sorted(HELDOUT_PAIRS) if holdout else [],
-                shards=shard_pattern(out, num_shards), colors=COLORS, shapes=SHAPES, categories=CATEGORIES)
+                shards=shard_pattern(out, num_shards), colors=COLORS, shapes=SHAPES)
     with open(meta_path, "w") as f:  # before the shards, so an interrupted run is checked on resume too
         json.dump(meta, f, indent=1)
     bar = tqdm(total=num_samples, unit="img", desc="shapes", disable=not progress, file=sys.stderr)
@@ -308,11 +358,24 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
             continue
         with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:  # encoder=False: bytes only, no pickle
             for i in range(lo, hi):
-                sink.write(encode_sample(i, seed, image_size, holdout))
+                sink.write(encode_sample(i, seed, image_size, holdout, categories, object_size))
                 bar.update(1)
         os.replace(path + ".tmp", path)
     bar.close()
     return shard_pattern(out, num_shards)
+
+
+def read_mix(directory: str) -> dict:
+    """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
+    image_size, categories, object_size for `training_prompts`. FileNotFoundError naming the file."""
+    path = os.path.join(directory, "shapes.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (a shapes set written by python -m data.synthetic has one)")
+    with open(path) as f:
+        meta = json.load(f)
+    size = int(meta["image_size"])
+    return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
+                object_size=tuple(meta.get("object_size", default_object_size(size))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,22 +386,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=5000, help="number of samples (default 5000; millions are fine)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--image-size", type=int, default=32, help="image side in pixels, >= 24 (default 32)")
+    p.add_argument("--mix", choices=tuple(MIXES), default="standard",
+                   help="named set: the defaults of --image-size, --categories and --object-size (standard: "
+                   "32 px, every category, 7-11 px objects; quickstart: 16 px, single_object,colors,counting, "
+                   "5-7 px objects)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels, >= 16 (default: --mix's)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--no-holdout", action="store_true",
                    help="also draw the held-out (color, shape) pairs "
                    + ", ".join(" ".join(x) for x in sorted(HELDOUT_PAIRS))
                    + " (default: never in the set, for evaluating compositional generalisation)")
+    p.add_argument("--categories", default=None,
+                   help="comma-separated prompt categories, drawn uniformly, of " + ",".join(CATEGORIES)
+                   + " (default: --mix's)")
+    p.add_argument("--object-size", default=None, metavar="MIN,MAX",
+                   help="object side range in pixels (default: --mix's; standard: 7,11 at 32 px, scaled "
+                   "with --image-size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    for name, low in (("num_samples", 1), ("shard_size", 1), ("image_size", 24)):
+    mix = MIXES[a.mix]
+    if a.image_size is None:
+        a.image_size = mix["image_size"]
+    for name, low in (("num_samples", 1), ("shard_size", 1), ("image_size", 16)):
         if getattr(a, name) < low:
             p.exit(2, f"error: --{name.replace('_', '-')} must be >= {low} (got {getattr(a, name)})\n")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.exit(2, f"error: --out {a.out} exists and is not a directory\n")
+    categories = mix["categories"] if a.categories is None else tuple(c.strip() for c in a.categories.split(",")
+                                                                       if c.strip())
+    object_size = mix["object_size"]
+    if a.object_size is not None:
+        try:
+            lo, hi = (int(v) for v in a.object_size.split(","))
+        except ValueError:
+            p.exit(2, f"error: --object-size {a.object_size!r} must be MIN,MAX (two integers)\n")
+        object_size = (lo, hi)
+    try:
+        check_mix(a.image_size, categories, object_size)
+    except ValueError as e:
+        msg = str(e)
+        p.exit(2, f"error: --{'object-size' + msg[len('object_size'):] if msg.startswith('object_size') else msg}\n")
     try:
         pattern = write_shards(a.out, a.num_samples, a.shard_size, a.image_size, a.seed, progress=not a.no_progress,
-                               holdout=not a.no_holdout)
+                               holdout=not a.no_holdout, categories=categories, object_size=object_size)
     except ValueError as e:
         p.exit(2, f"error: --out {e}\n")
     print(f"wrote {a.num_samples} samples: {pattern}")

@@ -135,6 +135,11 @@ def compose_app(overrides: list[str]) -> AppConfig:
 
 def resolve_model(spec: ModelSpec, dcfg: DataConfig) -> DiTConfig:
     """The network's config: the chosen preset with its overrides, shaped by the data."""
+    preset = PRESETS.get(spec.name)
+    if preset is not None and preset.moe is None and spec.moe is not None:
+        raise ConfigError(f"model.moe is set but model={spec.name} is a dense preset: an experiment config or override "
+                          "gave it MoE fields, which would make it an MoE model; choose an MoE preset, or set "
+                          "model.name to build an MoE from this preset on purpose")
     shapes = data_shapes(dcfg)
     values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTConfig)}
     for name, attr in SHAPE_FIELDS.items():

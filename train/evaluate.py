@@ -2,12 +2,14 @@
 
     python -m train.evaluate --checkpoint runs/cpu-small/checkpoints                  # 48 held-out prompts
     python -m train.evaluate --checkpoint runs/cpu-small/checkpoints --split train    # in-distribution prompts
+    python -m train.evaluate --checkpoint ... --split train --shapes-dir runs/shapes-quickstart  # that set's mix
     python -m train.evaluate --checkpoint export/ --prompt-file prompts.txt --samples-per-prompt 4 --out eval/
     python -m train.evaluate --checkpoint ... --fid-real runs/shapes --inception-weights pt_inception.pth
 
 Prompts: --prompt-file (captions one per line, parsed by data.synthetic.parse_caption, or a .jsonl of prompt
 structures), else `heldout_prompts` (--split heldout: every prompt states a (color, shape) pair that the
-shapes dataset never shows) or `training_prompts` (--split train). Sample k of prompt i is generated from
+shapes dataset never shows) or `training_prompts` (--split train), in the prompt mix of --shapes-dir (the set
+the model was trained on; default: the standard mix). Sample k of prompt i is generated from
 the noise of index i * samples_per_prompt + k (train.generate.prompt_noise), so every image has its own noise.
 `--weights ema|raw` (default ema) as in train.sample; eval.json records which weights were evaluated.
 
@@ -41,7 +43,7 @@ import torch
 from PIL import Image
 
 from data.scorer import ATTRIBUTES, attribute_credit, partial_score, score_image, summarize, summarize_attributes
-from data.synthetic import (CATEGORIES, HELDOUT_PAIRS, caption_of, heldout_prompts, parse_caption,
+from data.synthetic import (CATEGORIES, HELDOUT_PAIRS, caption_of, heldout_prompts, parse_caption, read_mix,
                             stated_heldout, training_prompts)
 from train.cli import (OneLineParser, add_encoder_args, add_generation_args, check_generation_args, check_positive,
                        parse_device, run_cli)
@@ -55,11 +57,18 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 # ---- prompts ------------------------------------------------------------------------------------
 
-def default_prompts(split: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` prompt structures of --split heldout (held-out compositions) or train (in-distribution)."""
+def default_prompts(split: str, n: int, seed: int = 0, shapes_dir: str | None = None) -> list[dict]:
+    """`n` prompt structures of --split heldout (held-out compositions) or train (in-distribution), in the
+    prompt mix of the set in `shapes_dir` (its shapes.json; None: the standard mix)."""
     if split not in SPLITS:
         raise SampleError(f"--split {split!r} must be one of {tuple(SPLITS)}")
-    return heldout_prompts(n, seed) if split == "heldout" else training_prompts(n, seed)
+    try:
+        mix = read_mix(shapes_dir) if shapes_dir is not None else {}
+        if split == "heldout":
+            return heldout_prompts(n, seed, **({"categories": mix["categories"]} if mix else {}))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise SampleError(f"--shapes-dir {shapes_dir}: {e}") from None
+    return training_prompts(n, seed, **mix)
 
 
 def read_prompt_file(path: str | Path) -> list[dict]:
@@ -252,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=tuple(SPLITS), default="heldout",
                    help="default prompts: heldout = compositions never in the shapes training set, "
                    "train = in-distribution")
+    p.add_argument("--shapes-dir", default=None,
+                   help="the shapes set the model was trained on: default prompts follow its prompt mix (its "
+                   "shapes.json; default: the standard mix of python -m data.synthetic)")
     p.add_argument("--num-prompts", type=int, default=48, help="number of default prompts")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the default prompts")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt (each with its own noise)")
@@ -287,7 +299,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.prompt_file is not None:
         prompts, source = read_prompt_file(args.prompt_file), f"file {args.prompt_file}"
     else:
-        prompts, source = default_prompts(args.split, args.num_prompts, args.prompt_seed), SPLITS[args.split]
+        prompts, source = (default_prompts(args.split, args.num_prompts, args.prompt_seed, args.shapes_dir),
+                           SPLITS[args.split] + (f" of {args.shapes_dir}" if args.shapes_dir else ""))
 
     t0 = time.perf_counter()
     model, run_cfg, folder, weights = load_model(args.checkpoint, device, args.weights)
@@ -354,8 +367,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[eval] overall {summary['overall']:.3f} ({per}; {sum(x['correct'] for x in results)}/{n} images correct)"
           + (f", FID {fid:.2f}" if fid is not None else ""))
     attrs = ", ".join(f"{a} {summary['attributes'][a]:.2f}" for a in ATTRIBUTES if a in summary["attributes"])
-    print(f"[eval] per attribute: partial {summary['partial_overall']:.3f} ({attrs}; chance: 0.23 partial, "
-          f"0.03 strict)")
+    print(f"[eval] per attribute: partial {summary['partial_overall']:.3f} ({attrs}; chance levels per prompt mix: "
+          "data/scorer.py)")
     print(f"[eval] wrote {out / 'eval.json'} and {out / 'grid.png'} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -206,3 +206,45 @@ def test_cli_writes_shards_and_rejects_bad_input(tmp_path, capsys):
         synthetic.main(["--help"])
     help_text = capsys.readouterr().out
     assert e.value.code == 0 and "--image-size" in help_text and "--no-holdout" in help_text
+
+
+def test_quickstart_mix_scores_full_on_truth_and_chance_on_shuffled_captions():
+    mix = synthetic.MIXES["quickstart"]
+    samples = [generate_sample(i, 0, mix["image_size"], True, mix["categories"], mix["object_size"]) for i in range(600)]
+    images, prompts = [s[0] for s in samples], [s[2] for s in samples]
+    assert {p["category"] for p in prompts} == set(mix["categories"])
+    assert all(min(o["box"][2] - o["box"][0], o["box"][3] - o["box"][1]) + 1 >= 5 for p in prompts for o in p["objects"])
+    truth = scorer.score_batch(images, prompts)
+    assert truth["overall"] >= 0.97 and truth["partial_overall"] >= 0.98, truth
+    shuffled = scorer.score_batch(images, [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))])
+    # chance for this set (measured 0.02 strict, 0.16 partial; launch/quickstart.sh prints these)
+    assert shuffled["overall"] <= 0.08 and 0.08 <= shuffled["partial_overall"] <= 0.25, shuffled
+
+
+def test_mix_settings_are_recorded_checked_and_read_back(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert synthetic.main(["--out", str(out), "--mix", "quickstart", "--num-samples", "12", "--shard-size", "6",
+                           "--no-progress"]) == 0
+    mix = synthetic.read_mix(str(out))
+    assert mix == dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7))
+    with tarfile.open(out / "shapes-000001.tar") as tf:
+        png = tf.extractfile("000000007.png").read()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), generate_sample(7, 0, **mix)[0])
+    prompts = synthetic.training_prompts(60, 1, **mix)
+    assert {p["category"] for p in prompts} == set(mix["categories"])
+    capsys.readouterr()
+    for argv, needle in (
+            (["--out", str(out), "--mix", "quickstart", "--num-samples", "12", "--shard-size", "6",
+              "--object-size", "4,6"], "object_size=[5, 7] (now [4, 6])"),
+            (["--out", str(tmp_path / "b"), "--categories", "counting,circles"], "--categories=counting,circles"),
+            (["--out", str(tmp_path / "b"), "--image-size", "16", "--object-size", "9,12"],
+             "--object-size=9,12 is too large for category"),
+            (["--out", str(tmp_path / "b"), "--object-size", "7"], "--object-size '7' must be MIN,MAX")):
+        with pytest.raises(SystemExit) as e:
+            synthetic.main([*argv, "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "b").exists()
+    standard = tmp_path / "s"
+    assert synthetic.main(["--out", str(standard), "--num-samples", "3", "--no-progress"]) == 0
+    assert synthetic.read_mix(str(standard)) == dict(image_size=32, categories=CATEGORIES, object_size=(7, 11))

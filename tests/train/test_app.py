@@ -45,11 +45,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def check_run(run_dir: Path, steps: int):
+def check_run(run_dir: Path, steps: int, num_experts: int = 4):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts[-1] == f"step_{steps:08d}"
     saved = json.loads((run_dir / "checkpoints" / ckpts[-1] / "config.json").read_text())
-    assert saved["model_resolved"]["moe"]["num_experts"] == 4  # the resolved config travels with it
+    assert saved["model_resolved"]["moe"]["num_experts"] == num_experts  # the resolved config travels with it
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm", "moe/layer0/load/e0", "moe/layer0/tokens_by_0_experts"} <= set(rows[-1])
     wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -70,14 +70,30 @@ def test_single_process_end_to_end(tmp_path, shapes):
     assert "[train] done" in proc.stdout and "resume:" in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def quickstart_shapes(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shapes-quickstart")
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--mix", "quickstart",
+                    "--num-samples", "256", "--shard-size", "64"], cwd=ROOT, check=True, capture_output=True)
+    return f"data.shards='{out}/shapes-{{000000..000003}}.tar'"
+
+
 @pytest.mark.distributed
-def test_two_processes_expert_parallel_end_to_end(tmp_path, shapes):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "train", "parallel=fsdp_ep", *BASE, shapes, f"train.run_dir={tmp_path}/run"]
+def test_quickstart_recipe_trains_with_two_processes_and_expert_parallelism(tmp_path, quickstart_shapes):
+    """The README main job's config (experiment=cpu_small, its model and schedule as they are) on the
+    quickstart's set, for 4 steps instead of 1000."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           "experiment=cpu_small", quickstart_shapes, "train.steps=4", "train.log_every=1", "train.ckpt_every=2",
+           "train.sample_steps=2", "train.threads=1", f"train.run_dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks, ep 2" in proc.stdout
-    check_run(tmp_path / "run", 4)
+    check_run(tmp_path / "run", 4, num_experts=8)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "config.json").read_text())
+    model = saved["model_resolved"]
+    assert (model["input_size"], model["patch_size"], model["mask_ratio"], model["depth"], model["dim"]) == (16, 2, 0.0, 4, 128)
+    assert model["moe"]["router"] == "expert_choice" and saved["flow"]["t_mean"] == 1.0
+    assert all(v < 2.0 for v in losses(tmp_path / "run").values())  # finite and in range
     # Only rank 0 writes Hydra's files and the metrics.
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
 
@@ -156,6 +172,17 @@ def test_bad_values_are_one_config_error_naming_the_field(override, message):
         validate_app(compose_app([override]), 1)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert err.value.field == message.split("=")[0] and override.split("=")[0] in str(err.value)
+
+
+def test_an_experiment_cannot_turn_a_dense_preset_into_an_moe_silently():
+    """cpu_small sets model.moe fields; merged into a dense preset's null moe they would build an MoE."""
+    from model.config import ConfigError
+    from train.config import compose_app, validate_app
+    with pytest.raises(ConfigError) as err:
+        validate_app(compose_app(["experiment=cpu_small", "model=small-dense"]), 2)
+    assert err.value.field == "model.moe" and "model=small-dense is a dense preset" in str(err.value)
+    mcfg, _ = validate_app(compose_app(["experiment=cpu_small"]), 2)
+    assert mcfg.moe.router == "expert_choice" and mcfg.num_tokens == 64
 
 
 @pytest.mark.parametrize("parallel, world, message", [

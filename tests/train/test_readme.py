@@ -78,7 +78,7 @@ def _match(line: str, table: dict) -> str | None:
 
 def _workspace(tmp: Path) -> Path:
     """A directory laid out like the repository root for the commands: .venv/bin/python and torchrun run
-    this interpreter, bench/ and launch/ are the repository's, and runs/shapes is the quickstart's data."""
+    this interpreter, bench/ and launch/ are the repository's, and runs/shapes-quickstart is the quickstart's data."""
     bin_dir = tmp / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name, cmd in (("python", sys.executable), ("torchrun", f"{sys.executable} -m torch.distributed.run")):
@@ -86,8 +86,8 @@ def _workspace(tmp: Path) -> Path:
         (bin_dir / name).chmod(0o755)
     for name in ("bench", "launch"):
         (tmp / name).symlink_to(ROOT / name)
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", "runs/shapes", "--num-samples", "256",
-                    "--shard-size", "64"], cwd=tmp, check=True, capture_output=True, env=_env())
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", "runs/shapes-quickstart", "--mix", "quickstart",
+                    "--num-samples", "256", "--shard-size", "64"], cwd=tmp, check=True, capture_output=True, env=_env())
     return tmp
 
 
