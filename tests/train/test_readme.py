@@ -44,7 +44,7 @@ SKIPPED = {
     ".venv/bin/python bench/step.py": "a benchmark of minutes; tests/bench runs it with tiny sizes",
     ".venv/bin/python bench/data.py": "a benchmark of minutes",
     ".venv/bin/python bench/data_scale.py": "a benchmark of minutes; tests/bench runs it with tiny sizes",
-    ".venv/bin/python bench/study.py": "the routing study, ~45 minutes; tests/bench/test_study.py runs it tiny",
+    ".venv/bin/python bench/study.py": "the routing study, ~90 minutes; tests/bench/test_study.py runs it tiny",
 }
 
 
