@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from bench import study
+from data.synthetic import MIXES
 
 TINY = ["model.depth=4", "model.dim=32", "model.heads=2", "model.kv_heads=1", "data.batch_size=4",
         "data.shuffle_buffer=50", "train.log_every=1", "train.ckpt_every=3", "train.sample_steps=1",
@@ -35,7 +36,7 @@ def test_study_trains_seeds_reports_spread_and_reuses_runs(tmp_path, monkeypatch
         assert (out / f"study-{run}" / "checkpoints" / "step_00000003" / "meta.json").is_file(), run
     meta = json.loads((out / "shapes-quickstart" / "shapes.json").read_text())
     assert (meta["image_size"], meta["object_size"]) == (16, [5, 7])
-    assert meta["categories"] == ["single_object", "colors", "counting"]
+    assert meta["categories"] == list(MIXES["quickstart"]["categories"])
     for name in ("loss.png", "load.png", "heatmap.png", "samples.png", "experts_vs_t.png"):
         with Image.open(out / name) as im:
             assert im.width > 100 and im.height > 100, name
