@@ -49,7 +49,7 @@ HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "d
 COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
 # Named sets (--mix): image size, prompt categories and object side range (None: default_object_size).
 # "quickstart" is the README main job's: 16 px images of one coloured object or a count (2-4) of one kind, objects of
-# 5-7 px, so that a CPU run of minutes learns recognisable shapes (64 tokens of 2x2 pixels).
+# 5-7 px: 64 tokens of 2x2 pixels, the fastest of the sets tried to learn on CPU (README, the quickstart recipe).
 MIXES = {
     "standard": dict(image_size=32, categories=CATEGORIES, object_size=None),
     "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7)),
