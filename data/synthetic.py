@@ -340,8 +340,8 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
         with open(meta_path) as f:
             old = json.load(f)
         old.setdefault("holdout", False)  # written before held-out pairs existed: the holdout=False content
-        old.setdefault("categories", list(CATEGORIES))  # written before the mix was a setting
-        old.setdefault("object_size", list(default_object_size(old.get("image_size", image_size))))
+        if "image_size" in old:
+            old.update({k: list(v) for k, v in _recorded_mix(old).items() if k != "image_size"})
         diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds shards written with {', '.join(diff)}; use another --out or delete it")
@@ -365,6 +365,14 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
     return shard_pattern(out, num_shards)
 
 
+def _recorded_mix(meta: dict) -> dict:
+    """image_size, categories, object_size of a shapes.json; sets written before the mix was a setting
+    have the standard mix."""
+    size = int(meta["image_size"])
+    return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
+                object_size=tuple(meta.get("object_size", default_object_size(size))))
+
+
 def read_mix(directory: str) -> dict:
     """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
     image_size, categories, object_size for `training_prompts`. FileNotFoundError naming the file."""
@@ -372,10 +380,7 @@ def read_mix(directory: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (a shapes set written by python -m data.synthetic has one)")
     with open(path) as f:
-        meta = json.load(f)
-    size = int(meta["image_size"])
-    return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
-                object_size=tuple(meta.get("object_size", default_object_size(size))))
+        return _recorded_mix(json.load(f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=5000, help="number of samples (default 5000; millions are fine)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--mix", choices=tuple(MIXES), default="standard",
-                   help="named set: the defaults of --image-size, --categories and --object-size (standard: "
-                   "32 px, every category, 7-11 px objects; quickstart: 16 px, single_object,colors,counting, "
-                   "5-7 px objects)")
+                   help="named set: the defaults of --image-size, --categories and --object-size ("
+                   + "; ".join(f"{name}: {m['image_size']} px, {','.join(m['categories'])}, "
+                               f"{'-'.join(map(str, m['object_size'] or default_object_size(m['image_size'])))} px objects"
+                               for name, m in MIXES.items()) + ")")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels, >= 16 (default: --mix's)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--no-holdout", action="store_true",
