@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed._composable.replicate import DDP as Replicated
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
                          saved_ema_names, saved_train_states)
@@ -47,9 +48,12 @@ def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.opti
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], named_params, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param, for every (name, param)."""
-    for n, p in named_params:
-        ema[n].lerp_(p.detach().to(ema[n].dtype), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * param, for every (name, param): torch's multi-tensor EMA
+    (`torch.optim.swa_utils.get_ema_multi_avg_fn`, one foreach lerp, so one DTensor dispatch per step
+    instead of one per parameter)."""
+    pairs = [(ema[n], p.detach().to(ema[n].dtype)) for n, p in named_params]
+    if pairs:
+        get_ema_multi_avg_fn(decay)([e for e, _ in pairs], [p for _, p in pairs], None)
 
 
 def last_update_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:

@@ -47,11 +47,15 @@ def _log0(msg: str) -> None:
 
 
 def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """The multi-tensor (foreach) implementation on every device: torch picks it only on CUDA by default, but
+    on CPU it is the same arithmetic with one DTensor dispatch per op instead of one per parameter (the
+    quickstart's step: 1.62 -> 1.71 step/s)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 foreach=True)
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, foreach=True)
 
 
 @torch.no_grad()
