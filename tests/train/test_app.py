@@ -93,6 +93,7 @@ def test_quickstart_recipe_trains_with_two_processes_and_expert_parallelism(tmp_
     model = saved["model_resolved"]
     assert (model["input_size"], model["patch_size"], model["mask_ratio"], model["depth"], model["dim"]) == (16, 2, 0.0, 4, 128)
     assert model["moe"]["router"] == "expert_choice" and saved["flow"]["t_mean"] == 1.0
+    assert (saved["data"]["batch_size"], saved["optim"]["schedule"], model["moe"]["group_size"]) == (16, "cosine", 512)
     assert all(v < 2.0 for v in losses(tmp_path / "run").values())  # finite and in range
     # Only rank 0 writes Hydra's files and the metrics.
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
