@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README main job: set up ./.venv, generate the quickstart's shapes set (16x16, one object or a count of one
 # kind), and train a small EC-DiT with 2 processes and expert parallelism 2 (torchrun, gloo on CPU) for about
-# 5.5 minutes. Writes checkpoints, a wandb offline run, metrics.jsonl, a sample grid and the expert-count
+# 6 minutes. Writes checkpoints, a wandb offline run, metrics.jsonl, a sample grid and the expert-count
 # heatmap under runs/cpu-small/, then scores the final checkpoint with the shapes scorer on in-distribution
 # prompts (runs/cpu-small/eval/eval.json, grid.png).
 # Extra arguments are Hydra overrides, e.g. `bash launch/quickstart.sh train.steps=50`.
