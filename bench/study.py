@@ -2,7 +2,7 @@
 steps, over several training seeds, on the quickstart mix of the shapes set (the EC-DiT paper's Table 4 and
 Fig. 4-6, plus DiffMoE).
 
-    python bench/study.py                              # 4 variants x seeds 0 1 x 900 steps, ~90 min on 2 cores
+    python bench/study.py                              # 4 variants x seeds 0 1 x 900 steps, ~75 min on 2 cores
     python bench/study.py --variants ec --seeds 1      # train (or resume) and evaluate one run; report all
     python bench/study.py --skip-train                 # evaluate the finished runs and report
     python bench/study.py --out runs/study-smoke --steps 20 --prompts 8   # smoke run
