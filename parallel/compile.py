@@ -20,9 +20,12 @@ What breaks the graph (so needs `fullgraph=False`, or stays eager):
     the busiest expert (`int(...)`, a host sync) and its shape changes from step to step;
   * the megatron-core dispatcher: it turns the tokens-per-expert counts into Python lists (host sync);
   * DeepSpeed: the engine wraps and hooks the module itself (train.compile is refused there);
+  * expert parallelism (train.compile is refused with parallel.ep > 1): the sharded expert weights are
+    DTensors on the "ep" mesh, multiplied with plain tensors inside the block, and the experts are their
+    own FSDP unit, whose hooks dynamo does not trace (measured on 2 CPU processes: fullgraph fails at
+    the hook, fullgraph=False at the mixed DTensor bmm);
   * not checked compiled (several processes): the routing pool across ranks (parallel/routing_pool.py)
-    uses in-place c10d collectives, which dynamo remaps to functional ones where it can; expert
-    parallelism's all-to-all is a functional collective (all_to_all_single_autograd), which it traces.
+    uses in-place c10d collectives, which dynamo remaps to functional ones where it can.
 Compiling before activation checkpointing would rerun the compiled forward, threshold update included,
 in the recomputation: keep the order of `parallel.parallelize`.
 """

@@ -199,9 +199,9 @@ def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[t
         (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
         (not t.compile or pcfg.engine == "fsdp",
          "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
-        (not t.compile or pcfg.ep == 1 or pcfg.dispatcher == "alltoall",
-         f"train.compile=true needs parallel.dispatcher=alltoall with expert parallelism (got "
-         f"{pcfg.dispatcher!r}: megatron's dispatcher syncs token counts to the host)"),
+        (not t.compile or pcfg.ep == 1,
+         f"train.compile=true needs parallel.ep=1 (got {pcfg.ep}): the sharded experts are DTensors and their "
+         f"own FSDP unit, which break the compiled block's graph"),
     ]
 
 

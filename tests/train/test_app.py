@@ -188,7 +188,8 @@ def test_an_experiment_cannot_turn_a_dense_preset_into_an_moe_silently():
 
 @pytest.mark.parametrize("parallel, world, message", [
     (dict(engine="deepspeed"), 1, "train.compile=true needs parallel.engine=fsdp"),
-    (dict(ep=2, dispatcher="megatron_alltoall"), 2, "train.compile=true needs parallel.dispatcher=alltoall"),
+    (dict(ep=2), 2, "train.compile=true needs parallel.ep=1"),
+    (dict(ep=2, dispatcher="megatron_alltoall"), 2, "train.compile=true needs parallel.ep=1"),
 ])
 def test_compile_is_refused_where_the_block_cannot_be_one_graph(parallel, world, message):
     from model.config import ConfigError
