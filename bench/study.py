@@ -1,5 +1,5 @@
 """Routing study: dense / expert choice / token choice top-2 / DiffMoE at equal activated compute and equal
-steps, over several training seeds, on the quickstart mix of the shapes set (the EC-DiT paper's Table 4 and
+steps, over several training seeds, on the study mix of the shapes set (the EC-DiT paper's Table 4 and
 Fig. 4-6, plus DiffMoE).
 
     python bench/study.py                              # 4 variants x seeds 0 1 x 900 steps, ~75 min on 2 cores
@@ -7,9 +7,9 @@ Fig. 4-6, plus DiffMoE).
     python bench/study.py --skip-train                 # evaluate the finished runs and report
     python bench/study.py --out runs/study-smoke --steps 20 --prompts 8   # smoke run
 
-Phases: (1) the shapes data of the quickstart mix (data.synthetic.MIXES["quickstart"]: 16x16 images of one
-object or a count of one kind, objects of 5-7 px; held-out compositions excluded) under
-<out>/shapes-quickstart, generated if missing; (2) one training run per (variant, seed) in
+Phases: (1) the shapes data of the study mix (data.synthetic.MIXES["study"]: 16x16 images of one object
+or a count of one kind, objects of 5-7 px; held-out compositions excluded) under <out>/shapes-study,
+generated if missing; (2) one training run per (variant, seed) in
 <out>/study-<variant>-s<seed> through the Hydra trainer (`python -m train experiment=study_cpu
 model=study-<variant> train.seed=<seed> data.seed=<seed>`): a run whose latest checkpoint is at --steps is
 not retrained, an interrupted one resumes; (3) evaluation of each final checkpoint (--weights ema, the
@@ -61,8 +61,8 @@ LABELS = {"dense": "dense (equal compute)", "ec": "expert choice f_c=2", "tc": "
           "diffmoe": "DiffMoE (batch pool)"}
 MODES = {"group": "tokens", "per_sample": "sample", "dynamic": "dynamic"}  # study name -> sampler routing
 DENSE_MODE = "per_sample"  # the dense model's one mode: it stands for every mode in comparisons
-DATA_DIR = "shapes-quickstart"
-MIX = MIXES["quickstart"]
+DATA_DIR = "shapes-study"
+MIX = MIXES["study"]
 VAL_INDEX0 = 10_000_000  # validation images: samples of the mix far beyond any training shard
 VAL_BATCH = 32  # validation images per forward
 T_VALUES = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))  # Fig. 6b: denoising times of the sweep
@@ -91,7 +91,7 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
 # ---- phases 1-2: data and training ----------------------------------------------------------------
 
 def ensure_data(out: Path, num_samples: int, shard_size: int) -> str:
-    """The quickstart mix under <out>/shapes-quickstart (complete shards are kept); its shard pattern."""
+    """The study mix under <out>/shapes-study (complete shards are kept); its shard pattern."""
     return write_shards(str(out / DATA_DIR), num_samples, shard_size, progress=False, **MIX)
 
 
@@ -306,7 +306,8 @@ def eval_settings(args, mix: dict) -> dict:
     """What an evaluation depends on besides the weights: the checkpoint step and the evaluation options."""
     settings = dict(step=args.steps, weights=args.weights, prompts=args.prompts, eval_seed=args.eval_seed,
                     val_images=args.val_images, sample_steps=args.sample_steps, guidance=args.guidance,
-                    batch_size=args.batch_size, t_values=T_VALUES, mix=mix)
+                    batch_size=args.batch_size, t_values=T_VALUES,
+                    mix={k: v for k, v in mix.items() if v is not None})  # unset sizes: as recorded before they existed
     return json.loads(json.dumps(settings))  # as read back from eval.json
 
 
@@ -589,7 +590,7 @@ def write_figures(out: Path, runs: dict, curves: dict, summary: dict, prompt_set
 
 def write_markdown(path: Path, summary: dict, claimed: list[str], args, recipe: dict) -> None:
     n_seeds = sorted({s for e in summary.values() for s in e["seeds"]})
-    lines = [f"# Routing study ({args.steps} steps, batch {recipe.get('batch_size', '?')}, quickstart shapes mix, "
+    lines = [f"# Routing study ({args.steps} steps, batch {recipe.get('batch_size', '?')}, study shapes mix, "
              f"seeds {', '.join(map(str, n_seeds))})", "",
              f"Each cell: mean [min, max] over the n seeds of the variant (the spread is the min-max range; one "
              f"value alone when n = 1). Trainer settings: {json.dumps(recipe)}. Evaluated weights: {args.weights}.",

@@ -16,9 +16,9 @@ score 1.00 strict and 1.00 partial (every attribute 1.00). Images paired with an
 model that draws clean objects but ignores the text) score 0.03 strict and 0.23 partial (colour 0.25, shape
 0.34, count 0.10, relation 0.00): that is chance. A random model (uniform noise images) scores 0.00 strict
 and 0.02 partial (colour 0.06): scattered pixels of one colour are too small or too sparse to count as
-objects or as a coloured region. On the quickstart's set (data/synthetic.py MIXES["quickstart"]: 16 px,
-colors and counting prompts) the generator's images score 1.00 / 1.00 and shuffled captions 0.02 strict
-and 0.16 partial (colour 0.17, shape 0.29, count 0.04).
+objects or as a coloured region. On the quickstart's and the study's sets (data/synthetic.py
+MIXES["quickstart"] and MIXES["study"]: 16 px, colors and counting prompts) the generator's images score
+1.00 / 1.00 and shuffled captions 0.02 strict and 0.16 partial (colour 0.17, shape 0.29, count 0.04).
 """
 
 from __future__ import annotations

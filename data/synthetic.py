@@ -13,7 +13,7 @@ only these pairings are not); `training_prompts` gives in-distribution prompts f
 `parse_caption` inverts `caption_of`.
 
 CLI: python -m data.synthetic --out data/shapes --num-samples 5000 [--no-holdout] [--mix quickstart]
-     [--image-size N] [--categories single_object,colors] [--object-size MIN,MAX]
+     [--image-size N] [--categories single_object,colors] [--object-size MIN,MAX] [--single-size MIN,MAX]
 """
 
 from __future__ import annotations
@@ -47,12 +47,16 @@ GAP = 2  # min pixels between objects' boxes, so connected components never merg
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("purple", "square")})
 # Categories whose captions state a color (the ones a held-out pair can be asked for in).
 COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
-# Named sets (--mix): image size, prompt categories and object side range (None: default_object_size).
-# "quickstart" is the README main job's: 16 px images of one coloured object or a count (2-4) of one kind, objects of
-# 5-7 px: 64 tokens of 2x2 pixels, the fastest of the sets tried to learn on CPU (README, the quickstart recipe).
+# Named sets (--mix): image size, prompt categories, object side range (None: default_object_size) and the side
+# range of an image's only object (single_size; None: object_size).
+# "quickstart" is the README main job's: 16 px images of one coloured object of 8-11 px or a count (2-4) of one
+# kind of 5-7 px: 64 tokens of 2x2 pixels; single objects that large are learnt within the quickstart's 880
+# steps, 5-7 px ones are not (README, the quickstart recipe). "study" is the routing study's (bench/study.py):
+# every object 5-7 px.
 MIXES = {
-    "standard": dict(image_size=32, categories=CATEGORIES, object_size=None),
-    "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7)),
+    "standard": dict(image_size=32, categories=CATEGORIES, object_size=None, single_size=None),
+    "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=(8, 11)),
+    "study": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=None),
 }
 
 
@@ -140,9 +144,11 @@ def default_object_size(image_size: int) -> tuple[int, int]:
     return max(5, round(7 * image_size / 32)), max(6, round(11 * image_size / 32))
 
 
-def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int] | None = None) -> list[dict] | None:
+def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int] | None = None,
+           single_size: tuple[int, int] | None = None) -> list[dict] | None:
     """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
-    smin, smax = object_size or default_object_size(size)
+    alone = sum(g["count"] for g in prompt["groups"]) == 1
+    smin, smax = (single_size if alone and single_size else None) or object_size or default_object_size(size)
     objects, boxes = [], []
     for gi, g in enumerate(prompt["groups"]):
         rx0, ry0, rx1, ry1 = _region(prompt["relation"], gi, size)
@@ -168,7 +174,8 @@ def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int
 
 
 def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool, categories: tuple[str, ...] = CATEGORIES,
-                 object_size: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
+                 object_size: tuple[int, int] | None = None,
+                 single_size: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
     """(prompt, placed objects) of one sample: category uniform over `categories`; with `holdout` a prompt
     stating a held-out pair is redrawn within its category (so categories stay uniform) and open colors
     avoid them. holdout=False consumes the generator exactly as before held-out pairs existed."""
@@ -177,19 +184,21 @@ def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool, categ
         prompt = _prompt(rng, category)
         while holdout and stated_heldout(prompt):
             prompt = _prompt(rng, category)
-        objects = _place(rng, prompt, image_size, holdout, object_size)
+        objects = _place(rng, prompt, image_size, holdout, object_size, single_size)
         if objects is not None:
             return prompt, objects
 
 
 def generate_sample(index: int, seed: int = 0, image_size: int = 32, holdout: bool = True,
                     categories: tuple[str, ...] = CATEGORIES,
-                    object_size: tuple[int, int] | None = None) -> tuple[np.ndarray, str, dict]:
+                    object_size: tuple[int, int] | None = None,
+                    single_size: tuple[int, int] | None = None) -> tuple[np.ndarray, str, dict]:
     """Sample `index` of the set: (image uint8 [H, W, 3], caption, prompt structure incl. objects).
     holdout=True: no object is a (color, shape) pair of HELDOUT_PAIRS. `categories`: the prompt mix
-    (uniform over these); `object_size`: (min, max) object side in pixels (None: `default_object_size`)."""
+    (uniform over these); `object_size`: (min, max) object side in pixels (None: `default_object_size`);
+    `single_size`: the same for an image's only object (None: `object_size`)."""
     rng = np.random.default_rng([seed, index])
-    prompt, objects = _draw_prompt(rng, image_size, holdout, categories, object_size)
+    prompt, objects = _draw_prompt(rng, image_size, holdout, categories, object_size, single_size)
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
@@ -199,11 +208,13 @@ def generate_sample(index: int, seed: int = 0, image_size: int = 32, holdout: bo
 
 
 def training_prompts(n: int, seed: int = 0, image_size: int = 32, categories: tuple[str, ...] = CATEGORIES,
-                     object_size: tuple[int, int] | None = None) -> list[dict]:
+                     object_size: tuple[int, int] | None = None,
+                     single_size: tuple[int, int] | None = None) -> list[dict]:
     """`n` in-distribution prompt structures (category, groups, relation): drawn exactly as the training
     captions of a set with these settings are (held-out pairs excluded), from a random stream of their own
     (not samples 0..n-1)."""
-    return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True, categories, object_size)[0])
+    return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True, categories, object_size,
+                                single_size)[0])
             for i in range(n)]
 
 
@@ -283,9 +294,10 @@ def parse_caption(text: str) -> dict:
 
 
 def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True,
-                  categories: tuple[str, ...] = CATEGORIES, object_size: tuple[int, int] | None = None) -> dict:
+                  categories: tuple[str, ...] = CATEGORIES, object_size: tuple[int, int] | None = None,
+                  single_size: tuple[int, int] | None = None) -> dict:
     """One WebDataset sample: png (lossless, so colors stay exact), txt and json."""
-    image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size)
+    image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size, single_size)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(prompt).encode()}
@@ -297,51 +309,53 @@ def shard_pattern(out: str, num_shards: int) -> str:
 
 
 def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
-              object_size: tuple[int, int] | None = None) -> None:
+              object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None) -> None:
     """ValueError naming the setting when the categories or object sizes cannot make samples: an unknown
     category, a bad size range, or objects too large to place a category's prompts at this image size."""
     if not categories or any(c not in CATEGORIES for c in categories):
         raise ValueError(f"categories={','.join(categories)} must be a non-empty subset of {','.join(CATEGORIES)}")
-    if object_size is not None:
-        lo, hi = object_size
-        if not 3 <= lo <= hi < image_size:
-            raise ValueError(f"object_size={lo},{hi} must satisfy 3 <= min <= max < image_size={image_size}")
+    for name, size in (("object_size", object_size), ("single_size", single_size)):
+        if size is not None and not 3 <= size[0] <= size[1] < image_size:
+            raise ValueError(f"{name}={size[0]},{size[1]} must satisfy 3 <= min <= max < image_size={image_size}")
     for category in categories:  # every prompt of a category must be placeable: check its worst case
         rng = np.random.default_rng(0)
-        placed = sum(_place(rng, _prompt(rng, category), image_size, False, object_size) is not None
-                     for _ in range(200))
+        prompts = [_prompt(rng, category) for _ in range(200)]
+        placed = sum(_place(rng, p, image_size, False, object_size, single_size) is not None for p in prompts)
         if placed < 20:
-            raise ValueError(f"object_size={','.join(map(str, object_size or default_object_size(image_size)))} is too "
-                             f"large for category {category} at image_size={image_size} ({placed}/200 prompts "
-                             "could be placed); use smaller objects")
+            alone = single_size is not None and all(sum(g["count"] for g in p["groups"]) == 1 for p in prompts)
+            name, size = ("single_size", single_size) if alone else (
+                "object_size", object_size or default_object_size(image_size))
+            raise ValueError(f"{name}={','.join(map(str, size))} is too large for category {category} at "
+                             f"image_size={image_size} ({placed}/200 prompts could be placed); use smaller objects")
 
 
 def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size: int = 32, seed: int = 0,
                  progress: bool = True, holdout: bool = True, categories: tuple[str, ...] = CATEGORIES,
-                 object_size: tuple[int, int] | None = None) -> str:
+                 object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None) -> str:
     """Write `num_samples` samples into shards of `shard_size`; returns the brace pattern.
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
     complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
-    categories, object_size), so `out` must not hold shards written with other settings (checked against
+    categories, object_size, single_size), so `out` must not hold shards written with other settings (checked against
     its shapes.json: ValueError). shapes.json records the settings and the `heldout_pairs` absent from
     the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
     from tqdm import tqdm
 
-    check_mix(image_size, categories, object_size)
+    check_mix(image_size, categories, object_size, single_size)
     os.makedirs(out, exist_ok=True)
     num_shards = (num_samples + shard_size - 1) // shard_size
     meta_path = os.path.join(out, "shapes.json")
     settings = dict(shard_size=shard_size, image_size=image_size, seed=seed, holdout=holdout,
-                    categories=list(categories), object_size=list(object_size or default_object_size(image_size)))
+                    categories=list(categories), object_size=list(object_size or default_object_size(image_size)),
+                    single_size=list(single_size) if single_size else None)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         old.setdefault("holdout", False)  # written before held-out pairs existed: the holdout=False content
         if "image_size" in old:
-            old.update({k: list(v) for k, v in _recorded_mix(old).items() if k != "image_size"})
+            old.update({k: v and list(v) for k, v in _recorded_mix(old).items() if k != "image_size"})
         diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds shards written with {', '.join(diff)}; use another --out or delete it")
@@ -358,7 +372,7 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
             continue
         with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:  # encoder=False: bytes only, no pickle
             for i in range(lo, hi):
-                sink.write(encode_sample(i, seed, image_size, holdout, categories, object_size))
+                sink.write(encode_sample(i, seed, image_size, holdout, categories, object_size, single_size))
                 bar.update(1)
         os.replace(path + ".tmp", path)
     bar.close()
@@ -366,16 +380,18 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
 
 
 def _recorded_mix(meta: dict) -> dict:
-    """image_size, categories, object_size of a shapes.json; sets written before the mix was a setting
-    have the standard mix."""
+    """image_size, categories, object_size, single_size of a shapes.json; sets written before the mix was a
+    setting have the standard mix."""
     size = int(meta["image_size"])
+    single = meta.get("single_size")
     return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
-                object_size=tuple(meta.get("object_size", default_object_size(size))))
+                object_size=tuple(meta.get("object_size", default_object_size(size))),
+                single_size=tuple(single) if single else None)
 
 
 def read_mix(directory: str) -> dict:
     """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
-    image_size, categories, object_size for `training_prompts`. FileNotFoundError naming the file."""
+    image_size, categories, object_size, single_size for `training_prompts`. FileNotFoundError naming the file."""
     path = os.path.join(directory, "shapes.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (a shapes set written by python -m data.synthetic has one)")
@@ -392,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=5000, help="number of samples (default 5000; millions are fine)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--mix", choices=tuple(MIXES), default="standard",
-                   help="named set: the defaults of --image-size, --categories and --object-size ("
+                   help="named set: the defaults of --image-size, --categories, --object-size and --single-size ("
                    + "; ".join(f"{name}: {m['image_size']} px, {','.join(m['categories'])}, "
                                f"{'-'.join(map(str, m['object_size'] or default_object_size(m['image_size'])))} px objects"
+                               + (f", {'-'.join(map(str, m['single_size']))} px alone" if m["single_size"] else "")
                                for name, m in MIXES.items()) + ")")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels, >= 16 (default: --mix's)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
@@ -408,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-size", default=None, metavar="MIN,MAX",
                    help="object side range in pixels (default: --mix's; standard: 7,11 at 32 px, scaled "
                    "with --image-size)")
+    p.add_argument("--single-size", default=None, metavar="MIN,MAX",
+                   help="side range in pixels of an image's only object (default: --mix's; standard: --object-size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     mix = MIXES[a.mix]
@@ -420,21 +439,24 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"error: --out {a.out} exists and is not a directory\n")
     categories = mix["categories"] if a.categories is None else tuple(c.strip() for c in a.categories.split(",")
                                                                        if c.strip())
-    object_size = mix["object_size"]
-    if a.object_size is not None:
+    sizes = {}
+    for name in ("object_size", "single_size"):
+        flag, value = name.replace("_", "-"), getattr(a, name)
         try:
-            lo, hi = (int(v) for v in a.object_size.split(","))
+            sizes[name] = mix[name] if value is None else tuple(int(v) for v in value.split(","))
         except ValueError:
-            p.exit(2, f"error: --object-size {a.object_size!r} must be MIN,MAX (two integers)\n")
-        object_size = (lo, hi)
+            p.exit(2, f"error: --{flag} {value!r} must be MIN,MAX (two integers)\n")
+        if sizes[name] is not None and len(sizes[name]) != 2:
+            p.exit(2, f"error: --{flag} {value!r} must be MIN,MAX (two integers)\n")
     try:
-        check_mix(a.image_size, categories, object_size)
+        check_mix(a.image_size, categories, **sizes)
     except ValueError as e:
         msg = str(e)
-        p.exit(2, f"error: --{'object-size' + msg[len('object_size'):] if msg.startswith('object_size') else msg}\n")
+        flag = next((n for n in sizes if msg.startswith(n)), None)
+        p.exit(2, f"error: --{flag.replace('_', '-') + msg[len(flag):] if flag else msg}\n")
     try:
         pattern = write_shards(a.out, a.num_samples, a.shard_size, a.image_size, a.seed, progress=not a.no_progress,
-                               holdout=not a.no_holdout, categories=categories, object_size=object_size)
+                               holdout=not a.no_holdout, categories=categories, **sizes)
     except ValueError as e:
         p.exit(2, f"error: --out {e}\n")
     print(f"wrote {a.num_samples} samples: {pattern}")

@@ -34,9 +34,9 @@ def test_study_trains_seeds_reports_spread_and_reuses_runs(tmp_path, monkeypatch
     runs = {f"{v}-s{s}" for v in ("dense", "ec") for s in (0, 1)}
     for run in runs:
         assert (out / f"study-{run}" / "checkpoints" / "step_00000003" / "meta.json").is_file(), run
-    meta = json.loads((out / "shapes-quickstart" / "shapes.json").read_text())
+    meta = json.loads((out / "shapes-study" / "shapes.json").read_text())
     assert (meta["image_size"], meta["object_size"]) == (16, [5, 7])
-    assert meta["categories"] == list(MIXES["quickstart"]["categories"])
+    assert meta["categories"] == list(MIXES["study"]["categories"]) and meta["single_size"] is None
     for name in ("loss.png", "load.png", "heatmap.png", "samples.png", "experts_vs_t.png"):
         with Image.open(out / name) as im:
             assert im.width > 100 and im.height > 100, name

@@ -208,12 +208,17 @@ def test_cli_writes_shards_and_rejects_bad_input(tmp_path, capsys):
     assert e.value.code == 0 and "--image-size" in help_text and "--no-holdout" in help_text
 
 
-def test_quickstart_mix_scores_full_on_truth_and_chance_on_shuffled_captions():
-    mix = synthetic.MIXES["quickstart"]
-    samples = [generate_sample(i, 0, mix["image_size"], True, mix["categories"], mix["object_size"]) for i in range(600)]
+@pytest.mark.parametrize("name", ["quickstart", "study"])
+def test_small_mixes_score_full_on_truth_and_chance_on_shuffled_captions(name):
+    mix = synthetic.MIXES[name]
+    samples = [generate_sample(i, 0, **mix) for i in range(600)]
     images, prompts = [s[0] for s in samples], [s[2] for s in samples]
     assert {p["category"] for p in prompts} == set(mix["categories"])
-    assert all(min(o["box"][2] - o["box"][0], o["box"][3] - o["box"][1]) + 1 >= 5 for p in prompts for o in p["objects"])
+    sides = {len(p["objects"]) == 1: set() for p in prompts}
+    for p in prompts:
+        sides[len(p["objects"]) == 1].update(o["box"][2] - o["box"][0] + 1 for o in p["objects"])
+    assert sides[False] == {5, 6, 7}  # counts of 2-4
+    assert sides[True] == ({8, 9, 10, 11} if name == "quickstart" else {5, 6, 7}), sides  # an image's only object
     truth = scorer.score_batch(images, prompts)
     assert truth["overall"] >= 0.97 and truth["partial_overall"] >= 0.98, truth
     shuffled = scorer.score_batch(images, [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))])
@@ -226,7 +231,7 @@ def test_mix_settings_are_recorded_checked_and_read_back(tmp_path, capsys):
     assert synthetic.main(["--out", str(out), "--mix", "quickstart", "--num-samples", "12", "--shard-size", "6",
                            "--no-progress"]) == 0
     mix = synthetic.read_mix(str(out))
-    assert mix == dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7))
+    assert mix == dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=(8, 11))
     with tarfile.open(out / "shapes-000001.tar") as tf:
         png = tf.extractfile("000000007.png").read()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), generate_sample(7, 0, **mix)[0])
@@ -239,6 +244,10 @@ def test_mix_settings_are_recorded_checked_and_read_back(tmp_path, capsys):
             (["--out", str(tmp_path / "b"), "--categories", "counting,circles"], "--categories=counting,circles"),
             (["--out", str(tmp_path / "b"), "--image-size", "16", "--object-size", "9,12"],
              "--object-size=9,12 is too large for category"),
+            (["--out", str(tmp_path / "b"), "--mix", "quickstart", "--single-size", "12,16"],
+             "--single-size=12,16 must satisfy 3 <= min <= max < image_size=16"),
+            (["--out", str(tmp_path / "b"), "--mix", "quickstart", "--single-size", "15,15"],
+             "--single-size=15,15 is too large for category colors"),
             (["--out", str(tmp_path / "b"), "--object-size", "7"], "--object-size '7' must be MIN,MAX")):
         with pytest.raises(SystemExit) as e:
             synthetic.main([*argv, "--no-progress"])
@@ -247,4 +256,5 @@ def test_mix_settings_are_recorded_checked_and_read_back(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
     standard = tmp_path / "s"
     assert synthetic.main(["--out", str(standard), "--num-samples", "3", "--no-progress"]) == 0
-    assert synthetic.read_mix(str(standard)) == dict(image_size=32, categories=CATEGORIES, object_size=(7, 11))
+    assert synthetic.read_mix(str(standard)) == dict(image_size=32, categories=CATEGORIES, object_size=(7, 11),
+                                                     single_size=None)
