@@ -148,7 +148,7 @@ def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int
            single_size: tuple[int, int] | None = None) -> list[dict] | None:
     """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
     alone = sum(g["count"] for g in prompt["groups"]) == 1
-    smin, smax = (single_size if alone and single_size else None) or object_size or default_object_size(size)
+    smin, smax = (single_size if alone and single_size else object_size) or default_object_size(size)
     objects, boxes = [], []
     for gi, g in enumerate(prompt["groups"]):
         rx0, ry0, rx1, ry1 = _region(prompt["relation"], gi, size)
@@ -297,7 +297,8 @@ def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True,
                   categories: tuple[str, ...] = CATEGORIES, object_size: tuple[int, int] | None = None,
                   single_size: tuple[int, int] | None = None) -> dict:
     """One WebDataset sample: png (lossless, so colors stay exact), txt and json."""
-    image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size, single_size)
+    image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size,
+                                             single_size)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(prompt).encode()}
@@ -336,8 +337,8 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
     complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
-    categories, object_size, single_size), so `out` must not hold shards written with other settings (checked against
-    its shapes.json: ValueError). shapes.json records the settings and the `heldout_pairs` absent from
+    categories, object_size, single_size), so `out` must not hold shards written with other settings
+    (checked against its shapes.json: ValueError). shapes.json records the settings and the `heldout_pairs` absent from
     the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
