@@ -144,11 +144,15 @@ def default_object_size(image_size: int) -> tuple[int, int]:
     return max(5, round(7 * image_size / 32)), max(6, round(11 * image_size / 32))
 
 
+def _alone(prompt: dict) -> bool:
+    """Whether a prompt asks for one object in all (drawn at single_size)."""
+    return sum(g["count"] for g in prompt["groups"]) == 1
+
+
 def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int] | None = None,
            single_size: tuple[int, int] | None = None) -> list[dict] | None:
     """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
-    alone = sum(g["count"] for g in prompt["groups"]) == 1
-    smin, smax = (single_size if alone and single_size else object_size) or default_object_size(size)
+    smin, smax = (single_size if _alone(prompt) and single_size else object_size) or default_object_size(size)
     objects, boxes = [], []
     for gi, g in enumerate(prompt["groups"]):
         rx0, ry0, rx1, ry1 = _region(prompt["relation"], gi, size)
@@ -323,7 +327,7 @@ def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
         prompts = [_prompt(rng, category) for _ in range(200)]
         placed = sum(_place(rng, p, image_size, False, object_size, single_size) is not None for p in prompts)
         if placed < 20:
-            alone = single_size is not None and all(sum(g["count"] for g in p["groups"]) == 1 for p in prompts)
+            alone = single_size is not None and all(_alone(p) for p in prompts)
             name, size = ("single_size", single_size) if alone else (
                 "object_size", object_size or default_object_size(image_size))
             raise ValueError(f"{name}={','.join(map(str, size))} is too large for category {category} at "
@@ -338,8 +342,8 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
     complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
     categories, object_size, single_size), so `out` must not hold shards written with other settings
-    (checked against its shapes.json: ValueError). shapes.json records the settings and the `heldout_pairs` absent from
-    the set; `read_mix` reads back what `training_prompts` needs.
+    (checked against its shapes.json: ValueError). shapes.json records the settings and the
+    `heldout_pairs` absent from the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
     from tqdm import tqdm
@@ -392,7 +396,8 @@ def _recorded_mix(meta: dict) -> dict:
 
 def read_mix(directory: str) -> dict:
     """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
-    image_size, categories, object_size, single_size for `training_prompts`. FileNotFoundError naming the file."""
+    image_size, categories, object_size, single_size for `training_prompts`. FileNotFoundError naming the
+    file."""
     path = os.path.join(directory, "shapes.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (a shapes set written by python -m data.synthetic has one)")
@@ -442,13 +447,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                        if c.strip())
     sizes = {}
     for name in ("object_size", "single_size"):
-        flag, value = name.replace("_", "-"), getattr(a, name)
+        value = getattr(a, name)
+        if value is None:
+            sizes[name] = mix[name]
+            continue
         try:
-            sizes[name] = mix[name] if value is None else tuple(int(v) for v in value.split(","))
+            lo, hi = (int(v) for v in value.split(","))
         except ValueError:
-            p.exit(2, f"error: --{flag} {value!r} must be MIN,MAX (two integers)\n")
-        if sizes[name] is not None and len(sizes[name]) != 2:
-            p.exit(2, f"error: --{flag} {value!r} must be MIN,MAX (two integers)\n")
+            p.exit(2, f"error: --{name.replace('_', '-')} {value!r} must be MIN,MAX (two integers)\n")
+        sizes[name] = (lo, hi)
     try:
         check_mix(a.image_size, categories, **sizes)
     except ValueError as e:
