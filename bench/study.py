@@ -307,7 +307,7 @@ def eval_settings(args, mix: dict) -> dict:
     settings = dict(step=args.steps, weights=args.weights, prompts=args.prompts, eval_seed=args.eval_seed,
                     val_images=args.val_images, sample_steps=args.sample_steps, guidance=args.guidance,
                     batch_size=args.batch_size, t_values=T_VALUES,
-                    mix={k: v for k, v in mix.items() if v is not None})  # unset sizes: as recorded before they existed
+                    mix={k: v for k, v in mix.items() if v not in (None, "scatter")})  # as before they were settings
     return json.loads(json.dumps(settings))  # as read back from eval.json
 
 

@@ -14,6 +14,7 @@ only these pairings are not); `training_prompts` gives in-distribution prompts f
 
 CLI: python -m data.synthetic --out data/shapes --num-samples 5000 [--no-holdout] [--mix quickstart]
      [--image-size N] [--categories single_object,colors] [--object-size MIN,MAX] [--single-size MIN,MAX]
+     [--count-layout scatter|cells]
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ GAP = 2  # min pixels between objects' boxes, so connected components never merg
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("purple", "square")})
 # Categories whose captions state a color (the ones a held-out pair can be asked for in).
 COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
-# Named sets (--mix): image size, prompt categories, object side range (None: default_object_size) and the side
-# range of an image's only object (single_size; None: object_size).
+# Where a count's objects go (count_layout): "scatter", anywhere GAP apart; "cells", one object per cell of the
+# image's 2x2 grid (cells drawn at random, each object jittered within its cell), so that the number of objects
+# is the number of filled cells.
+COUNT_LAYOUTS = ("scatter", "cells")
+# Named sets (--mix): image size, prompt categories, object side range (None: default_object_size), the side
+# range of an image's only object (single_size; None: object_size) and the count layout.
 # "quickstart" is the README main job's: 16 px images of one coloured object of 8-11 px or a count (2-4) of one
-# kind of 5-7 px: 64 tokens of 2x2 pixels; single objects that large are learnt within the quickstart's 880
-# steps, 5-7 px ones are not (README, the quickstart recipe). "study" is the routing study's (bench/study.py):
-# every object 5-7 px.
+# kind of 5-6 px, one per cell: 64 tokens of 2x2 pixels; single objects that large and counts in cells are
+# learnt within the quickstart's 880 steps, scattered 5-7 px ones are not (README, the quickstart recipe).
+# "study" is the routing study's (bench/study.py): every object 5-7 px, scattered.
 MIXES = {
-    "standard": dict(image_size=32, categories=CATEGORIES, object_size=None, single_size=None),
-    "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=(8, 11)),
-    "study": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=None),
+    "standard": dict(image_size=32, categories=CATEGORIES, object_size=None, single_size=None, count_layout="scatter"),
+    "quickstart": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 6), single_size=(8, 11),
+                       count_layout="cells"),
+    "study": dict(image_size=16, categories=("colors", "counting"), object_size=(5, 7), single_size=None,
+                  count_layout="scatter"),
 }
 
 
@@ -149,10 +156,52 @@ def _alone(prompt: dict) -> bool:
     return sum(g["count"] for g in prompt["groups"]) == 1
 
 
+def _is_count(prompt: dict) -> bool:
+    """Whether a prompt asks for a count of one kind (a lone group of 2 or more: what count_layout places)."""
+    return len(prompt["groups"]) == 1 and prompt["groups"][0]["count"] > 1
+
+
+def _cell_spans(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Usable pixels (first, last) of the low and the high cell along one axis: 1 px from the border, and
+    objects of neighbouring cells more than GAP apart."""
+    low_end = size // 2 - 1 - GAP // 2
+    return (1, low_end), (low_end + GAP + 1, size - 2)
+
+
+def _cell_boxes(rng, count: int, size: int, smin: int, smax: int) -> list[tuple[int, int, int, int]] | None:
+    """Boxes of `count` objects, one per cell of the 2x2 grid (cells drawn at random, size and offset within the
+    cell too); None if an object is larger than a cell."""
+    spans = _cell_spans(size)
+    boxes = []
+    for cell in rng.choice(4, count, replace=False):
+        s = int(rng.integers(smin, smax + 1))
+        (ax, bx), (ay, by) = spans[cell % 2], spans[cell // 2]
+        if bx - ax + 1 < s or by - ay + 1 < s:
+            return None
+        x0, y0 = int(rng.integers(ax, bx - s + 2)), int(rng.integers(ay, by - s + 2))
+        boxes.append((x0, y0, x0 + s - 1, y0 + s - 1))
+    return boxes
+
+
+def _colored(rng, group: dict, gi: int, box, holdout: bool) -> dict:
+    """The object of `group` in `box`: its stated color, else one drawn from `free_colors`."""
+    if group["color"] is None:
+        free = free_colors(group["shape"], holdout)
+        color = free[int(rng.integers(len(free)))]
+    else:
+        color = group["color"]
+    return dict(shape=group["shape"], color=color, box=list(box), group=gi)
+
+
 def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int] | None = None,
-           single_size: tuple[int, int] | None = None) -> list[dict] | None:
-    """Random non-overlapping boxes for every object; None if this draw failed (caller retries)."""
+           single_size: tuple[int, int] | None = None, count_layout: str = "scatter") -> list[dict] | None:
+    """Random non-overlapping boxes for every object (a count's in cells with count_layout="cells"); None if
+    this draw failed (caller retries)."""
     smin, smax = (single_size if _alone(prompt) and single_size else object_size) or default_object_size(size)
+    if count_layout == "cells" and _is_count(prompt):
+        group = prompt["groups"][0]
+        boxes = _cell_boxes(rng, group["count"], size, smin, smax)
+        return None if boxes is None else [_colored(rng, group, 0, box, holdout) for box in boxes]
     objects, boxes = [], []
     for gi, g in enumerate(prompt["groups"]):
         rx0, ry0, rx1, ry1 = _region(prompt["relation"], gi, size)
@@ -168,18 +217,13 @@ def _place(rng, prompt, size, holdout: bool = False, object_size: tuple[int, int
             else:
                 return None
             boxes.append(box)
-            if g["color"] is None:
-                free = free_colors(g["shape"], holdout)
-                color = free[int(rng.integers(len(free)))]
-            else:
-                color = g["color"]
-            objects.append(dict(shape=g["shape"], color=color, box=list(box), group=gi))
+            objects.append(_colored(rng, g, gi, box, holdout))
     return objects
 
 
 def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool, categories: tuple[str, ...] = CATEGORIES,
-                 object_size: tuple[int, int] | None = None,
-                 single_size: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
+                 object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None,
+                 count_layout: str = "scatter") -> tuple[dict, list[dict]]:
     """(prompt, placed objects) of one sample: category uniform over `categories`; with `holdout` a prompt
     stating a held-out pair is redrawn within its category (so categories stay uniform) and open colors
     avoid them. holdout=False consumes the generator exactly as before held-out pairs existed."""
@@ -188,21 +232,22 @@ def _draw_prompt(rng: np.random.Generator, image_size: int, holdout: bool, categ
         prompt = _prompt(rng, category)
         while holdout and stated_heldout(prompt):
             prompt = _prompt(rng, category)
-        objects = _place(rng, prompt, image_size, holdout, object_size, single_size)
+        objects = _place(rng, prompt, image_size, holdout, object_size, single_size, count_layout)
         if objects is not None:
             return prompt, objects
 
 
 def generate_sample(index: int, seed: int = 0, image_size: int = 32, holdout: bool = True,
                     categories: tuple[str, ...] = CATEGORIES,
-                    object_size: tuple[int, int] | None = None,
-                    single_size: tuple[int, int] | None = None) -> tuple[np.ndarray, str, dict]:
+                    object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None,
+                    count_layout: str = "scatter") -> tuple[np.ndarray, str, dict]:
     """Sample `index` of the set: (image uint8 [H, W, 3], caption, prompt structure incl. objects).
     holdout=True: no object is a (color, shape) pair of HELDOUT_PAIRS. `categories`: the prompt mix
     (uniform over these); `object_size`: (min, max) object side in pixels (None: `default_object_size`);
-    `single_size`: the same for an image's only object (None: `object_size`)."""
+    `single_size`: the same for an image's only object (None: `object_size`); `count_layout`: where a
+    count's objects go (COUNT_LAYOUTS)."""
     rng = np.random.default_rng([seed, index])
-    prompt, objects = _draw_prompt(rng, image_size, holdout, categories, object_size, single_size)
+    prompt, objects = _draw_prompt(rng, image_size, holdout, categories, object_size, single_size, count_layout)
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
@@ -212,13 +257,13 @@ def generate_sample(index: int, seed: int = 0, image_size: int = 32, holdout: bo
 
 
 def training_prompts(n: int, seed: int = 0, image_size: int = 32, categories: tuple[str, ...] = CATEGORIES,
-                     object_size: tuple[int, int] | None = None,
-                     single_size: tuple[int, int] | None = None) -> list[dict]:
+                     object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None,
+                     count_layout: str = "scatter") -> list[dict]:
     """`n` in-distribution prompt structures (category, groups, relation): drawn exactly as the training
     captions of a set with these settings are (held-out pairs excluded), from a random stream of their own
     (not samples 0..n-1)."""
     return [_strip(_draw_prompt(np.random.default_rng([seed, i, 1]), image_size, True, categories, object_size,
-                                single_size)[0])
+                                single_size, count_layout)[0])
             for i in range(n)]
 
 
@@ -299,10 +344,10 @@ def parse_caption(text: str) -> dict:
 
 def encode_sample(index: int, seed: int, image_size: int, holdout: bool = True,
                   categories: tuple[str, ...] = CATEGORIES, object_size: tuple[int, int] | None = None,
-                  single_size: tuple[int, int] | None = None) -> dict:
+                  single_size: tuple[int, int] | None = None, count_layout: str = "scatter") -> dict:
     """One WebDataset sample: png (lossless, so colors stay exact), txt and json."""
     image, caption, prompt = generate_sample(index, seed, image_size, holdout, categories, object_size,
-                                             single_size)
+                                             single_size, count_layout)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(prompt).encode()}
@@ -314,18 +359,29 @@ def shard_pattern(out: str, num_shards: int) -> str:
 
 
 def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
-              object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None) -> None:
-    """ValueError naming the setting when the categories or object sizes cannot make samples: an unknown
-    category, a bad size range, or objects too large to place a category's prompts at this image size."""
+              object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None,
+              count_layout: str = "scatter") -> None:
+    """ValueError naming the setting when the categories, object sizes or count layout cannot make samples:
+    an unknown category or layout, a bad size range, or objects too large to place a category's prompts at
+    this image size (in a cell, for counts with count_layout="cells")."""
     if not categories or any(c not in CATEGORIES for c in categories):
         raise ValueError(f"categories={','.join(categories)} must be a non-empty subset of {','.join(CATEGORIES)}")
+    if count_layout not in COUNT_LAYOUTS:
+        raise ValueError(f"count_layout={count_layout} must be one of {', '.join(COUNT_LAYOUTS)}")
     for name, size in (("object_size", object_size), ("single_size", single_size)):
         if size is not None and not 3 <= size[0] <= size[1] < image_size:
             raise ValueError(f"{name}={size[0]},{size[1]} must satisfy 3 <= min <= max < image_size={image_size}")
+    (_, low_end), (high_start, high_end) = _cell_spans(image_size)
+    cell = min(low_end, high_end - high_start + 1)
+    count_size = object_size or default_object_size(image_size)
+    if count_layout == "cells" and "counting" in categories and count_size[1] > cell:
+        raise ValueError(f"object_size={','.join(map(str, count_size))} does not fit a cell: count_layout=cells "
+                         f"at image_size={image_size} fits objects of at most {cell} px")
     for category in categories:  # every prompt of a category must be placeable: check its worst case
         rng = np.random.default_rng(0)
         prompts = [_prompt(rng, category) for _ in range(200)]
-        placed = sum(_place(rng, p, image_size, False, object_size, single_size) is not None for p in prompts)
+        placed = sum(_place(rng, p, image_size, False, object_size, single_size, count_layout) is not None
+                     for p in prompts)
         if placed < 20:
             alone = single_size is not None and all(_alone(p) for p in prompts)
             name, size = ("single_size", single_size) if alone else (
@@ -336,31 +392,33 @@ def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
 
 def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size: int = 32, seed: int = 0,
                  progress: bool = True, holdout: bool = True, categories: tuple[str, ...] = CATEGORIES,
-                 object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None) -> str:
+                 object_size: tuple[int, int] | None = None, single_size: tuple[int, int] | None = None,
+                 count_layout: str = "scatter") -> str:
     """Write `num_samples` samples into shards of `shard_size`; returns the brace pattern.
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
     complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
-    categories, object_size, single_size), so `out` must not hold shards written with other settings
+    categories, object_size, single_size, count_layout), so `out` must not hold shards written with other settings
     (checked against its shapes.json: ValueError). shapes.json records the settings and the
     `heldout_pairs` absent from the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
     from tqdm import tqdm
 
-    check_mix(image_size, categories, object_size, single_size)
+    check_mix(image_size, categories, object_size, single_size, count_layout)
     os.makedirs(out, exist_ok=True)
     num_shards = (num_samples + shard_size - 1) // shard_size
     meta_path = os.path.join(out, "shapes.json")
     settings = dict(shard_size=shard_size, image_size=image_size, seed=seed, holdout=holdout,
                     categories=list(categories), object_size=list(object_size or default_object_size(image_size)),
-                    single_size=list(single_size) if single_size else None)
+                    single_size=list(single_size) if single_size else None, count_layout=count_layout)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         old.setdefault("holdout", False)  # written before held-out pairs existed: the holdout=False content
         if "image_size" in old:
-            old.update({k: v and list(v) for k, v in _recorded_mix(old).items() if k != "image_size"})
+            old.update({k: list(v) if isinstance(v, tuple) else v for k, v in _recorded_mix(old).items()
+                        if k != "image_size"})
         diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds shards written with {', '.join(diff)}; use another --out or delete it")
@@ -377,7 +435,8 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
             continue
         with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:  # encoder=False: bytes only, no pickle
             for i in range(lo, hi):
-                sink.write(encode_sample(i, seed, image_size, holdout, categories, object_size, single_size))
+                sink.write(encode_sample(i, seed, image_size, holdout, categories, object_size, single_size,
+                                         count_layout))
                 bar.update(1)
         os.replace(path + ".tmp", path)
     bar.close()
@@ -385,18 +444,19 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
 
 
 def _recorded_mix(meta: dict) -> dict:
-    """image_size, categories, object_size, single_size of a shapes.json; sets written before the mix was a
-    setting have the standard mix."""
+    """image_size, categories, object_size, single_size, count_layout of a shapes.json; sets written before
+    a setting existed have the standard mix's value of it."""
     size = int(meta["image_size"])
     single = meta.get("single_size")
     return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
                 object_size=tuple(meta.get("object_size", default_object_size(size))),
-                single_size=tuple(single) if single else None)
+                single_size=tuple(single) if single else None,
+                count_layout=meta.get("count_layout", "scatter"))
 
 
 def read_mix(directory: str) -> dict:
     """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
-    image_size, categories, object_size, single_size for `training_prompts`. FileNotFoundError naming the
+    image_size, categories, object_size, single_size, count_layout for `training_prompts`. FileNotFoundError naming the
     file."""
     path = os.path.join(directory, "shapes.json")
     if not os.path.isfile(path):
@@ -414,10 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=5000, help="number of samples (default 5000; millions are fine)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--mix", choices=tuple(MIXES), default="standard",
-                   help="named set: the defaults of --image-size, --categories, --object-size and --single-size ("
+                   help="named set: the defaults of --image-size, --categories, --object-size, --single-size and "
+                   "--count-layout ("
                    + "; ".join(f"{name}: {m['image_size']} px, {','.join(m['categories'])}, "
                                f"{'-'.join(map(str, m['object_size'] or default_object_size(m['image_size'])))} px objects"
                                + (f", {'-'.join(map(str, m['single_size']))} px alone" if m["single_size"] else "")
+                               + f", counts {m['count_layout']}"
                                for name, m in MIXES.items()) + ")")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels, >= 16 (default: --mix's)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
@@ -433,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                    "with --image-size)")
     p.add_argument("--single-size", default=None, metavar="MIN,MAX",
                    help="side range in pixels of an image's only object (default: --mix's; standard: --object-size)")
+    p.add_argument("--count-layout", choices=COUNT_LAYOUTS, default=None,
+                   help="where a count's objects go: scatter (anywhere) or cells (one per cell of the 2x2 grid) "
+                   "(default: --mix's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     mix = MIXES[a.mix]
@@ -456,15 +521,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.exit(2, f"error: --{name.replace('_', '-')} {value!r} must be MIN,MAX (two integers)\n")
         sizes[name] = (lo, hi)
+    count_layout = mix["count_layout"] if a.count_layout is None else a.count_layout
     try:
-        check_mix(a.image_size, categories, **sizes)
+        check_mix(a.image_size, categories, **sizes, count_layout=count_layout)
     except ValueError as e:
         msg = str(e)
         flag = next((n for n in sizes if msg.startswith(n)), None)
         p.exit(2, f"error: --{flag.replace('_', '-') + msg[len(flag):] if flag else msg}\n")
     try:
         pattern = write_shards(a.out, a.num_samples, a.shard_size, a.image_size, a.seed, progress=not a.no_progress,
-                               holdout=not a.no_holdout, categories=categories, **sizes)
+                               holdout=not a.no_holdout, categories=categories, **sizes,
+                               count_layout=count_layout)
     except ValueError as e:
         p.exit(2, f"error: --out {e}\n")
     print(f"wrote {a.num_samples} samples: {pattern}")

@@ -24,6 +24,6 @@ for arg in "$@"; do
 done
 echo "[quickstart] training: torchrun --standalone --nproc_per_node=2 -m train experiment=cpu_small $*"
 .venv/bin/torchrun --standalone --nproc_per_node=2 -m train experiment=cpu_small "$@"
-echo "[quickstart] scoring the final checkpoint on 32 in-distribution prompts (data/scorer.py; chance for this set: 0.02 strict, 0.16 partial)"
+echo "[quickstart] scoring the final checkpoint on 32 in-distribution prompts (data/scorer.py; chance for this set: 0.02 strict, 0.14 partial)"
 .venv/bin/python -m train.evaluate --checkpoint "$run_dir/checkpoints" --split train --shapes-dir "$data" \
   --num-prompts 32 --steps 20 --out "$run_dir/eval"
