@@ -43,6 +43,8 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", 
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 GAP = 2  # min pixels between objects' boxes, so connected components never merge
+CELL_MARGIN = 2  # px of a cell kept free along the centre lines (count_layout="cells"): objects of neighbouring
+# cells are 2 * CELL_MARGIN apart
 # (color, shape) pairs absent from the training set (holdout=True): one per shape, four different colors,
 # so every color keeps >= 3 shapes and every shape 5 colors in training.
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("purple", "square")})
@@ -162,10 +164,11 @@ def _is_count(prompt: dict) -> bool:
 
 
 def _cell_spans(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Usable pixels (first, last) of the low and the high cell along one axis: 1 px from the border, and
-    objects of neighbouring cells more than GAP apart."""
-    low_end = size // 2 - 1 - GAP // 2
-    return (1, low_end), (low_end + GAP + 1, size - 2)
+    """Usable pixels (first, last) of the low and the high cell along one axis: up to the image border, and
+    CELL_MARGIN px short of the centre line, so that objects of neighbouring cells are two 2x2 patches apart
+    (with GAP's 2 px a model's samples merged them)."""
+    half = size // 2
+    return (0, half - 1 - CELL_MARGIN), (half + CELL_MARGIN, size - 1)
 
 
 def _cell_boxes(rng, count: int, size: int, smin: int, smax: int) -> list[tuple[int, int, int, int]] | None:
@@ -371,8 +374,7 @@ def check_mix(image_size: int, categories: tuple[str, ...] = CATEGORIES,
     for name, size in (("object_size", object_size), ("single_size", single_size)):
         if size is not None and not 3 <= size[0] <= size[1] < image_size:
             raise ValueError(f"{name}={size[0]},{size[1]} must satisfy 3 <= min <= max < image_size={image_size}")
-    (_, low_end), (high_start, high_end) = _cell_spans(image_size)
-    cell = min(low_end, high_end - high_start + 1)
+    cell = min(last - first + 1 for first, last in _cell_spans(image_size))
     count_size = object_size or default_object_size(image_size)
     if count_layout == "cells" and "counting" in categories and count_size[1] > cell:
         raise ValueError(f"object_size={','.join(map(str, count_size))} does not fit a cell: count_layout=cells "
