@@ -57,8 +57,8 @@ COUNT_LAYOUTS = ("scatter", "cells")
 # Named sets (--mix): image size, prompt categories, object side range (None: default_object_size), the side
 # range of an image's only object (single_size; None: object_size) and the count layout.
 # "quickstart" is the README main job's: 16 px images of one coloured object of 8-11 px or a count (2-4) of one
-# kind of 5-6 px, one per cell: 64 tokens of 2x2 pixels; single objects that large and counts in cells are
-# learnt within the quickstart's 880 steps, scattered 5-7 px ones are not (README, the quickstart recipe).
+# kind of 5-6 px, one per cell: 64 tokens of 2x2 pixels; within the quickstart's 880 steps single objects that
+# large are learnt and counts in cells half the time, scattered 5-7 px ones are not (README, the quickstart recipe).
 # "study" is the routing study's (bench/study.py): every object 5-7 px, scattered.
 MIXES = {
     "standard": dict(image_size=32, categories=CATEGORIES, object_size=None, single_size=None, count_layout="scatter"),

@@ -225,6 +225,10 @@ def test_small_mixes_score_full_on_truth_and_chance_on_shuffled_captions(name):
         in_cells.append(len(set(cells)) == len(cells) and all(
             (o["box"][0] >= half) == (o["box"][2] >= half) and (o["box"][1] >= half) == (o["box"][3] >= half)
             for o in p["objects"]))
+        boxes = [o["box"] for o in p["objects"]]
+        between = [max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) - 1  # background px between two boxes
+                   for i, a in enumerate(boxes) for b in boxes[i + 1:]]
+        assert min(between) >= (2 * synthetic.CELL_MARGIN if mix["count_layout"] == "cells" else synthetic.GAP)
     assert all(in_cells) if mix["count_layout"] == "cells" else not all(in_cells)
     truth = scorer.score_batch(images, prompts)
     assert truth["overall"] >= 0.97 and truth["partial_overall"] >= 0.98, truth
