@@ -58,7 +58,8 @@ COUNT_LAYOUTS = ("scatter", "cells")
 # range of an image's only object (single_size; None: object_size) and the count layout.
 # "quickstart" is the README main job's: 16 px images of one coloured object of 8-11 px or a count (2-4) of one
 # kind of 5-6 px, one per cell: 64 tokens of 2x2 pixels; within the quickstart's 880 steps single objects that
-# large are learnt and counts in cells half the time, scattered 5-7 px ones are not (README, the quickstart recipe).
+# large are learnt and counts in cells half the time, scattered 5-7 px ones are not (README, the quickstart
+# recipe).
 # "study" is the routing study's (bench/study.py): every object 5-7 px, scattered.
 MIXES = {
     "standard": dict(image_size=32, categories=CATEGORIES, object_size=None, single_size=None, count_layout="scatter"),
@@ -400,8 +401,8 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
 
     Resumable per shard: a shard is written to a temporary name and renamed when complete; existing
     complete shards are kept (they are deterministic in their settings: seed, image_size, holdout,
-    categories, object_size, single_size, count_layout), so `out` must not hold shards written with other settings
-    (checked against its shapes.json: ValueError). shapes.json records the settings and the
+    categories, object_size, single_size, count_layout), so `out` must not hold shards written with other
+    settings (checked against its shapes.json: ValueError). shapes.json records the settings and the
     `heldout_pairs` absent from the set; `read_mix` reads back what `training_prompts` needs.
     """
     import webdataset as wds
@@ -458,8 +459,8 @@ def _recorded_mix(meta: dict) -> dict:
 
 def read_mix(directory: str) -> dict:
     """The prompt settings of a set written by `write_shards` (its shapes.json): keyword arguments
-    image_size, categories, object_size, single_size, count_layout for `training_prompts`. FileNotFoundError naming the
-    file."""
+    image_size, categories, object_size, single_size, count_layout for `training_prompts`. FileNotFoundError
+    naming the file."""
     path = os.path.join(directory, "shapes.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (a shapes set written by python -m data.synthetic has one)")
