@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import environment, write_json  # noqa: E402
 from data import load_text_encoder, load_vae  # noqa: E402
-from data.synthetic import (MIXES, caption_of, generate_sample, heldout_prompts, read_mix,  # noqa: E402
-                            training_prompts, write_shards)
+from data.synthetic import (LATER_SETTINGS, MIXES, caption_of, generate_sample, heldout_prompts,  # noqa: E402
+                            read_mix, training_prompts, write_shards)
 from model.config import DiTConfig  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
@@ -307,7 +307,8 @@ def eval_settings(args, mix: dict) -> dict:
     settings = dict(step=args.steps, weights=args.weights, prompts=args.prompts, eval_seed=args.eval_seed,
                     val_images=args.val_images, sample_steps=args.sample_steps, guidance=args.guidance,
                     batch_size=args.batch_size, t_values=T_VALUES,
-                    mix={k: v for k, v in mix.items() if v not in (None, "scatter")})  # as before they were settings
+                    mix={k: v for k, v in mix.items()  # a later setting at its old value: as before it existed
+                         if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]})
     return json.loads(json.dumps(settings))  # as read back from eval.json
 
 

@@ -54,6 +54,8 @@ COLOR_CATEGORIES = ("colors", "counting", "color_attr", "position")
 # image's 2x2 grid (cells drawn at random, each object jittered within its cell), so that the number of objects
 # is the number of filled cells.
 COUNT_LAYOUTS = ("scatter", "cells")
+# Mix settings added after the first sets were written, with the value such a set has (its shapes.json lacks them).
+LATER_SETTINGS = dict(single_size=None, count_layout="scatter")
 # Named sets (--mix): image size, prompt categories, object side range (None: default_object_size), the side
 # range of an image's only object (single_size; None: object_size) and the count layout.
 # "quickstart" is the README main job's: 16 px images of one coloured object of 8-11 px or a count (2-4) of one
@@ -448,13 +450,13 @@ def write_shards(out: str, num_samples: int, shard_size: int = 1000, image_size:
 
 def _recorded_mix(meta: dict) -> dict:
     """image_size, categories, object_size, single_size, count_layout of a shapes.json; sets written before
-    a setting existed have the standard mix's value of it."""
+    a setting existed have the standard mix's value of it (LATER_SETTINGS)."""
     size = int(meta["image_size"])
     single = meta.get("single_size")
     return dict(image_size=size, categories=tuple(meta.get("categories", CATEGORIES)),
                 object_size=tuple(meta.get("object_size", default_object_size(size))),
-                single_size=tuple(single) if single else None,
-                count_layout=meta.get("count_layout", "scatter"))
+                single_size=tuple(single) if single else LATER_SETTINGS["single_size"],
+                count_layout=meta.get("count_layout", LATER_SETTINGS["count_layout"]))
 
 
 def read_mix(directory: str) -> dict:
