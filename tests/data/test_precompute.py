@@ -11,7 +11,7 @@ from data import precompute
 from data.config import DataConfig
 from data.encoders import FrozenEncoders, load_text_encoder, load_vae
 from data.manifest import apply_manifest
-from data.shards import expand_shards, make_latent_loader
+from data.shards import expand_shards, make_image_loader, make_latent_loader
 from data.synthetic import generate_sample
 
 
@@ -24,9 +24,16 @@ def _inputs(shapes_dir, n=3):
     return expand_shards(shapes_dir["pattern"])[:n]
 
 
-def test_round_trip_pixel_vae_and_t5_embeddings(shapes_dir, tiny_t5, tmp_path):
+@pytest.fixture(scope="module")
+def emb_run(shapes_dir, tiny_t5, tmp_path_factory):
+    """The first 3 shapes shards precomputed with the tiny T5's embeddings stored: (cfg, summary)."""
     cfg = _cfg("", tiny_t5)
-    s = precompute.precompute(cfg, _inputs(shapes_dir), str(tmp_path), storage="emb", progress=False)
+    out = str(tmp_path_factory.mktemp("emb"))
+    return cfg, precompute.precompute(cfg, _inputs(shapes_dir), out, storage="emb", progress=False)
+
+
+def test_round_trip_pixel_vae_and_t5_embeddings(emb_run, tiny_t5):
+    cfg, s = emb_run
     assert s["shards"] == 3 and s["samples"] == s["last_run"]["new_samples"] == 120 and s["bad"] == {}
     assert s["bytes_per_sample_emb"] > s["bytes_per_sample_ids"] > s["latent_bytes"] == 3 * 32 * 32 * 4
     assert (s["latent_shape"], s["latent_dtype"], s["text_storage"], s["text_dim"]) == ([3, 32, 32], "fp32", "emb", 64)
@@ -47,6 +54,31 @@ def test_round_trip_pixel_vae_and_t5_embeddings(shapes_dir, tiny_t5, tmp_path):
         assert b["text_emb"].dtype == torch.bfloat16 and (b["text_emb"][~b["text_mask"]] == 0).all()
         seen += b["key"]
     assert sorted(seen) == [f"{i:09d}" for i in range(120)]
+
+
+def test_stored_text_embeddings_are_the_online_encoders_rounded_to_bf16(emb_run, shapes_dir):
+    """Each stored bf16 embedding is within half a bf16 ulp (relative 2^-8, plus 1e-6 for fp32 differences
+    between batchings) of the fp32 embedding the trainer computes online for the same caption from the
+    image shards (train/trainer.py `_frozen_encoders`)."""
+    from train.trainer import _frozen_encoders
+
+    cfg, s = emb_run
+    image_cfg = cfg.replace(shards="::".join(_inputs(shapes_dir)), batch_size=7)  # other batches than precompute's
+    online = {}
+    for b in make_image_loader(image_cfg, transform=_frozen_encoders(image_cfg, torch.device("cpu"), False)):
+        assert b["text_emb"].dtype == torch.float32
+        online.update({k: (b["caption"][i], b["text_emb"][i], b["text_mask"][i]) for i, k in enumerate(b["key"])})
+    stored = {}
+    for b in make_latent_loader(cfg.replace(shards=s["pattern"])):
+        assert b["text_emb"].dtype == torch.bfloat16
+        stored.update({k: (b["caption"][i], b["text_emb"][i], b["text_mask"][i]) for i, k in enumerate(b["key"])})
+    assert len(online) == 120 and stored.keys() == online.keys()
+    for key, (caption, emb, mask) in online.items():
+        caption_s, emb_s, mask_s = stored[key]
+        assert caption_s == caption and torch.equal(mask_s, mask) and mask.any()
+        err = (emb_s.float() - emb).abs()
+        bound = emb.abs() * 2.0 ** -8 + 1e-6
+        assert bool((err <= bound).all()), (key, (err / bound).max().item())
 
 
 def test_ids_storage_with_online_text_encoder_and_resume(shapes_dir, tiny_t5, tmp_path):
