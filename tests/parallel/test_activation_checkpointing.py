@@ -12,8 +12,9 @@ pytestmark = pytest.mark.distributed
 
 
 def _step(rank, world, checkpointing: bool):
-    """Build as the trainer does, run one forward and backward; return (forward calls per block, bytes
-    saved for backward, local gradients, router threshold updates)."""
+    """Build as the trainer does, run one forward and backward; return the calls of each block's forward in
+    forward and again in backward, the bytes saved for backward, the local gradients and the routers'
+    threshold update counts."""
     from model.config import get_preset
     from model.dit import DiTBlock
     from parallel.mesh import ParallelConfig
