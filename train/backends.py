@@ -25,8 +25,8 @@ import torch
 from torch.distributed._composable.replicate import DDP as Replicated
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from .checkpoint import (STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
-                         saved_ema_names, saved_train_states)
+from .checkpoint import (META, STEP_PREFIX, Checkpointer, complete_checkpoints, dist_barrier, dist_rank, dist_world,
+                         record_files, saved_ema_names, saved_train_states, write_json_atomic)
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -93,6 +93,10 @@ class TorchBackend:
 
     def lr(self) -> float:
         return last_update_lr(self.sched)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return self.ckpt.checkpoints()
 
     def latest(self) -> Path | None:
         return self.ckpt.latest()
@@ -169,21 +173,31 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return last_update_lr(self.engine.lr_scheduler)
 
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (meta.json written), oldest first."""
+        return complete_checkpoints(self.root)
+
     def latest(self) -> Path | None:
-        done = complete_checkpoints(self.root)
+        done = self.checkpoints()
         return done[-1] if done else None
 
     def save(self, step: int, train_state: dict, config: dict) -> None:
+        """DeepSpeed's checkpoint in `step_*` (a re-save of the step first drops its meta.json), the train
+        states and config.json, then the file record (train/checkpoint.py record_files) and meta.json, last."""
         from parallel.deepspeed import save
         tag = f"{STEP_PREFIX}{step:08d}"
+        if dist_rank() == 0:
+            (self.root / tag / META).unlink(missing_ok=True)
+        dist_barrier()
         save(self.engine, self.root, tag, ema=self.ema)
         (self.root / tag / "train").mkdir(parents=True, exist_ok=True)
         (self.root / tag / "train" / f"rank{dist_rank():05d}.json").write_text(json.dumps(train_state))
-        dist_barrier()
         if dist_rank() == 0:
             (self.root / tag / "config.json").write_text(json.dumps(config, indent=2))
-            (self.root / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": dist_world(),
-                                                                   "engine": "deepspeed", "time": time.time()}))
+        files = record_files(self.root / tag)
+        if dist_rank() == 0:
+            write_json_atomic(self.root / tag / META, {"step": step, "world_size": dist_world(),
+                                                       "engine": "deepspeed", "time": time.time(), "files": files})
             for old in complete_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist_barrier()
@@ -194,7 +208,7 @@ class DeepSpeedBackend:
         from parallel.deepspeed import load
         path = Path(path)
         load(self.engine, path.parent, path.name, ema=self.ema)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / META).read_text())
         rank_file = path / "train" / f"rank{dist_rank():05d}.json"
         if meta["world_size"] != dist_world() or not rank_file.is_file():
             return None

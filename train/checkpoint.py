@@ -6,12 +6,17 @@ Layout of a run's checkpoint root:
         .metadata, *.distcp   model + optimizer, sharded (DTensor shards reshard on load)
         train/rank00000.json  per-rank train state (step, schedule, RNG, data position): JSON, no pickle
         config.json           the run's resolved config (if given)
-        meta.json             step, world size, time; written last
+        meta.json             step, world size, time, and every other file's size and CRC-32; written last
     .tmp-step_00002000/       a save in progress (or killed): ignored, removed by the next Checkpointer
 
 A save is written into `.tmp-step_*` and published by an atomic rename once every rank has finished,
 so a kill at any moment leaves the last good checkpoint loadable. With `async_save`, DCP writes in a
 background thread and the publish happens at the next `save`, `wait` or `close`.
+
+Before the publish the ranks share out the hashing of the checkpoint's files (`record_files`), so that a
+checkpoint damaged later (a truncated, altered or lost file) is recognised before anything is loaded from it
+(`verify`), and a resume can fall back to an older whole one (`latest_whole`). The DeepSpeed engine
+(train/backends.py) records its files the same way.
 
 Loading works at any world size and expert-parallel size: model and optimizer state go through
 `get_state_dict` / `set_state_dict` (FQN-keyed, DTensor-aware), so DCP reshards. The per-rank train
@@ -26,6 +31,7 @@ import os
 import random
 import shutil
 import time
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -42,6 +48,8 @@ from model.config import DiTConfig, config_from_dict, config_to_dict
 from model.dit import DiT, build_model
 
 STEP_PREFIX, TMP_PREFIX = "step_", ".tmp-step_"
+META, PART_PREFIX = "meta.json", ".files-rank"  # PART_PREFIX: record_files' per-rank parts, merged into META
+HASH_CHUNK = 1 << 22
 
 
 def dist_rank() -> int:
@@ -96,12 +104,146 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all([decode_state(s) for s in state["cuda"]])
 
 
+# ---- file records and verification ----------------------------------------------------------------
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to `path` through a temporary file and a rename: the file is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> tuple[int, int]:
+    """(size in bytes, CRC-32) of a file, read in chunks."""
+    size, crc = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            size += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def checkpoint_files(path: str | Path) -> list[str]:
+    """The files of a checkpoint directory that its meta.json records: relative '/'-paths, sorted; all but
+    meta.json itself and `record_files`' per-rank parts."""
+    path = Path(path)
+    out = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            rel = (Path(folder) / name).relative_to(path).as_posix()
+            if rel != META and not rel.startswith(PART_PREFIX) and rel != META + ".tmp":
+                out.append(rel)
+    return sorted(out)
+
+
+def record_files(path: str | Path) -> dict[str, list[int]] | None:
+    """{relative path: [size, CRC-32]} of every file of a written checkpoint (`checkpoint_files`), for its
+    meta.json; collective, on a filesystem every rank sees. Rank r hashes files[r::world] into a part file
+    in the checkpoint; rank 0 merges the parts, removes them and returns the record (other ranks: None)."""
+    path = Path(path)
+    rank, world = dist_rank(), dist_world()
+    dist_barrier()  # every rank's files are written
+    files = checkpoint_files(path)
+    mine = {rel: list(file_digest(path / rel)) for rel in files[rank::world]}
+    write_json_atomic(path / f"{PART_PREFIX}{rank:05d}.json", mine)
+    dist_barrier()
+    if rank != 0:
+        return None
+    record: dict[str, list[int]] = {}
+    for r in range(world):
+        part = path / f"{PART_PREFIX}{r:05d}.json"
+        record.update(json.loads(part.read_text()))
+        part.unlink()
+    for rel in files:  # a file another rank's listing missed
+        if rel not in record:
+            record[rel] = list(file_digest(path / rel))
+    return dict(sorted(record.items()))
+
+
+_WHOLE = 1 << 62
+_META_MISSING, _META_BAD = -2, -1
+_FILE_MISSING, _FILE_SIZE, _FILE_CRC = 1, 2, 3
+
+
+def _damage(file: Path, size: int, crc: int) -> int:
+    """0 when the file has the recorded size and CRC-32, else which damage (_FILE_*)."""
+    try:
+        if file.stat().st_size != size:
+            return _FILE_SIZE
+        return 0 if file_digest(file) == (size, crc) else _FILE_CRC
+    except OSError:
+        return _FILE_MISSING
+
+
+def verify(path: str | Path) -> str | None:
+    """Whether a checkpoint is whole: None, or one line naming the damage, e.g. "__1_0.distcp: 1234 bytes,
+    2468 recorded" or "model.distcp: checksum differs from the one recorded at save". Collective: rank r
+    checks the recorded files r, r + world, ... (size first, then CRC-32) and the ranks agree on the first
+    damaged one, so every rank returns the same answer. A missing, unreadable or malformed meta.json is
+    damage; a checkpoint whose meta.json records no files (saved before files were recorded) is accepted
+    as it is."""
+    path = Path(path)
+    rank, world = dist_rank(), dist_world()
+    recorded: list[tuple[str, int, int]] = []
+    code = _WHOLE
+    try:
+        meta = json.loads((path / META).read_text())
+        recorded = sorted((str(rel), int(size), int(crc)) for rel, (size, crc) in meta.get("files", {}).items())
+    except FileNotFoundError:
+        code = _META_MISSING
+    except (OSError, ValueError, TypeError, AttributeError):
+        code = _META_BAD
+    if code == _WHOLE:
+        for i in range(rank, len(recorded), world):
+            kind = _damage(path / recorded[i][0], recorded[i][1], recorded[i][2])
+            if kind:
+                code = 4 * i + kind
+                break
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        agreed = torch.tensor([code], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        code = int(agreed.item())
+    if code == _WHOLE:
+        return None
+    if code == _META_MISSING:
+        return f"{META}: missing"
+    if code == _META_BAD:
+        return f"{META}: unreadable, not JSON, or its file record is malformed"
+    index, kind = divmod(code, 4)
+    rel, size, _ = recorded[index]
+    if kind == _FILE_SIZE:
+        try:
+            return f"{rel}: {(path / rel).stat().st_size} bytes, {size} recorded"
+        except OSError:
+            kind = _FILE_MISSING
+    if kind == _FILE_MISSING:
+        return f"{rel}: missing or unreadable"
+    return f"{rel}: checksum differs from the one recorded at save"
+
+
+def latest_whole(checkpoints: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest whole checkpoint of `checkpoints` (oldest first, as `complete_checkpoints` lists them), or
+    None, and the newer damaged ones with `verify`'s reason, newest first; collective."""
+    damaged = []
+    for path in reversed(checkpoints):
+        reason = verify(path)
+        if reason is None:
+            return path, damaged
+        damaged.append((path, reason))
+    return None, damaged
+
+
 # ---- checkpointer -------------------------------------------------------------------------------
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """`step_*` directories under `root` that were published (meta.json is written last), oldest first."""
+    """`step_*` directories under `root` that were published (meta.json is written last), oldest first;
+    whether they are whole is `verify`'s question."""
     found = [p for p in Path(root).glob(STEP_PREFIX + "*")
-             if (p / "meta.json").is_file() and p.name[len(STEP_PREFIX):].isdigit()]
+             if (p / META).is_file() and p.name[len(STEP_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
@@ -141,10 +283,12 @@ class Checkpointer:
         if dist_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "train").mkdir(parents=True)
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
         dist_barrier()
         state = {**_app_state(model, optimizer), **(extra or {})}
         (tmp / "train" / f"rank{dist_rank():05d}.json").write_text(json.dumps(train_state or {}))
-        meta = {"step": step, "world_size": dist_world(), "config": config}
+        meta = {"step": step, "world_size": dist_world()}
         if self.async_save:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), step, meta)
         else:
@@ -162,13 +306,10 @@ class Checkpointer:
     close = wait
 
     def _publish(self, step: int, meta: dict) -> None:
-        dist_barrier()  # every rank's shards are written
+        tmp, final = self.root / f"{TMP_PREFIX}{step:08d}", self.root / f"{STEP_PREFIX}{step:08d}"
+        files = record_files(tmp)  # after a barrier: every rank's shards are written
         if dist_rank() == 0:
-            tmp, final = self.root / f"{TMP_PREFIX}{step:08d}", self.root / f"{STEP_PREFIX}{step:08d}"
-            config = meta.pop("config")
-            if config is not None:
-                (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            (tmp / "meta.json").write_text(json.dumps({**meta, "time": time.time()}))
+            write_json_atomic(tmp / META, {**meta, "time": time.time(), "files": files})
             if final.exists():  # re-saving the same step: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
@@ -184,7 +325,7 @@ class Checkpointer:
         tensor dicts; returns this rank's train state, or None when the checkpoint was written at another
         world size."""
         path = Path(path)
-        if not (path / "meta.json").is_file():
+        if not (path / META).is_file():
             raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no meta.json)")
         state = {**_app_state(model, optimizer), **(extra or {})}
         dcp.load(state, checkpoint_id=str(path))
@@ -192,7 +333,7 @@ class Checkpointer:
             set_model_state_dict(model, state["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / META).read_text())
         rank_file = path / "train" / f"rank{dist_rank():05d}.json"
         if meta["world_size"] != dist_world() or not rank_file.is_file():
             return None
