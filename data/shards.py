@@ -457,13 +457,14 @@ class ShardLoader:
         good, bad = 0, Counter()
         for s in states:  # saved rank q's counts go to rank q % world: the totals are kept
             if s["rank"] % self.world == self.rank:
-                total = _saved_counts(s)
+                total = saved_counts(s)
                 good, bad = good + total["good"], bad + Counter(total["bad"])
         self.carried = dict(good=good, bad=dict(bad))
         return "elastic"
 
 
-def _saved_counts(state: dict) -> dict:
+def saved_counts(state: dict) -> dict:
+    """Good and bad (per reason) samples of a saved `ShardLoader.state_dict()`, those it carries included."""
     bad = Counter(state.get("carried", {}).get("bad", {}))
     good = state.get("carried", {}).get("good", 0)
     for p in state["workers"].values():

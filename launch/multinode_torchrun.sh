@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One node of a multi-node torchrun job (run it on every node, with its NODE_RANK):
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NPROC=8 bash launch/multinode_torchrun.sh [overrides]
-# All nodes must see the same train.run_dir (shared filesystem) for checkpoints and resume.
+# All nodes must see the same train.run_dir (shared filesystem) for checkpoints and resume. c10d rendezvous on
+# MASTER_ADDR:MASTER_PORT (RDZV_ID: a name shared by the nodes of this run): a failed worker restarts the
+# worker group on every node, resuming from the latest checkpoint, up to MAX_RESTARTS times (default 3);
+# ranks are assigned by the rendezvous (NODE_RANK only orders the log).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,5 +12,9 @@ py="${PYTHON:-$root/.venv/bin/python}"
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 nproc="${NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count() or 1)')}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1
-exec "$py" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$nproc" \
-  --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" -m train "$@"
+export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}" TORCH_NCCL_DUMP_ON_TIMEOUT=1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-10}"
+echo "[launch] node $NODE_RANK of $NNODES: $nproc processes, rendezvous $MASTER_ADDR:${MASTER_PORT:-29500}" >&2
+exec "$py" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$nproc" --rdzv-backend=c10d \
+  --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id="${RDZV_ID:-ecdit}" \
+  --max-restarts="${MAX_RESTARTS:-3}" -m train "$@"

@@ -32,6 +32,11 @@ class ParallelConfig:
     param_dtype: str = "fp32"  # "bf16": FSDP2 mixed precision (bf16 params/compute, fp32 reduce) — GPU
     engine: str = "fsdp"  # fsdp (this module's mesh + parallel/parallelize.py) | deepspeed (ZeRO)
     zero_stage: int = 2  # engine=deepspeed: ZeRO stage 2 or 3
+    # Collective timeouts (gloo and NCCL): until the first optimizer step has completed (start-up, checkpoint
+    # load, compile), then for training; a rank that waits longer in a collective stops with its stacks
+    # in run_dir/stalls/ (train/watchdog.py) instead of waiting torch's default 10 (NCCL) or 30 (gloo) min.
+    init_timeout_s: float = 600.0
+    timeout_s: float = 300.0
 
     def resolved(self, world_size: int, num_experts: int | None = None) -> "ParallelConfig":
         """Validate against the world size and the model's experts; fill dp_shard = -1."""
@@ -61,6 +66,9 @@ class ParallelConfig:
             raise ConfigError(f"{p}.zero_stage={self.zero_stage} must be 2 or 3")
         if self.engine == "deepspeed" and self.ep > 1 and self.zero_stage == 3:
             raise ConfigError(f"{p}.ep={self.ep} with {p}.zero_stage=3: {ZERO3_EP_REASON}")
+        for name in ("init_timeout_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{p}.{name}={getattr(self, name)} must be > 0 (seconds)")
         if self.param_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{p}.param_dtype={self.param_dtype!r} must be 'fp32' or 'bf16'")
         from dataclasses import replace

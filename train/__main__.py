@@ -95,7 +95,7 @@ def main() -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from train.config import AppConfig
-        from train.trainer import StopTraining, run
+        from train.trainer import CollectiveFailure, StopTraining, run
         try:
             app: AppConfig = OmegaConf.to_object(cfg)  # runs the dataclasses' own checks (e.g. DataConfig)
         except (ValueError, OmegaConfBaseException) as e:
@@ -106,6 +106,9 @@ def main() -> None:
         except (ConfigError, StopTraining) as e:
             _error(str(e))
             sys.exit(2)
+        except CollectiveFailure as e:  # a restart (launch/local.sh MAX_RESTARTS, slurm requeue) can get past it
+            _error(str(e))
+            os._exit(3)  # no interpreter teardown: it can wait on the failed process group's threads
         if int(os.environ.get("RANK", 0)) == 0:
             _print_summary(summary, sys.argv[1:])
 
@@ -127,6 +130,10 @@ def _first_line(e: Exception) -> str:
 def _print_summary(s: dict, overrides: list[str]) -> None:
     print("\n[train] done" if not s.get("stopped_by_signal") else "\n[train] stopped by signal", flush=True)
     print(f"  steps:        {s['step']}  (loss {s['first_loss']} -> {s['last_loss']})")
+    if "data_exhausted" in s:
+        e = s["data_exhausted"]
+        print(f"  data ended:   {e['samples_delivered']} samples delivered, {e['samples_unread']} left unread by "
+              f"ranks that still had data ({e['ranks_dry']} rank(s) ran dry)")
     if "data" in s:
         bad = {k.rsplit("/", 1)[1]: v for k, v in s["data"].items() if k.startswith("data/bad/") and v}
         print(f"  data:         {s['data']['data/good']} good samples, {sum(bad.values())} skipped as bad"

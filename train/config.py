@@ -78,11 +78,16 @@ class TrainCfg:
     async_ckpt: bool = False
     resume: str = "auto"  # auto (latest in run_dir/checkpoints) | none | path to a step_* dir
     sample_every: int = 0  # sample grid + expert heatmap every N steps (0 = only at the end)
+    # [] = no sample grid (neither every sample_every steps nor at the end)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a red circle", "two blue squares", "a green triangle left of a yellow circle", "three purple circles"])
     sample_steps: int = 20
     guidance: float = 4.0
     max_nan_steps: int = 5  # stop after this many non-finite losses in a row
+    # No optimizer step (or checkpoint) completed for this long: every rank writes its Python stacks to
+    # run_dir/stalls/ and exits (train/watchdog.py); 0 = off. Keep it above parallel.timeout_s, which
+    # catches a single stuck rank first.
+    stall_timeout_s: float = 1800.0
     meta_init: bool = False  # build on the meta device, parallelize, then init (large models)
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs by name, else MFU not shown)
     wandb_project: str = "ecdit"
@@ -191,6 +196,14 @@ def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[t
         (t.ckpt_every >= 1, f"train.ckpt_every={t.ckpt_every} must be >= 1"),
         (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1"),
         (t.max_nan_steps >= 1, f"train.max_nan_steps={t.max_nan_steps} must be >= 1"),
+        (t.sample_steps >= 1, f"train.sample_steps={t.sample_steps} must be >= 1 (Euler steps of the sample grid)"),
+        (t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0: only at the end)"),
+        (t.sample_every == 0 or len(t.sample_prompts) > 0,
+         f"train.sample_every={t.sample_every} needs train.sample_prompts (it is empty: no sample grid)"),
+        (t.guidance >= 0, f"train.guidance={t.guidance} must be >= 0 (classifier-free guidance scale; 1: none)"),
+        (t.stall_timeout_s >= 0, f"train.stall_timeout_s={t.stall_timeout_s} must be >= 0 (0: no step watchdog)"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         f"optim.betas={list(o.betas)} must be two values in [0, 1)"),
         (t.resume in ("auto", "none") or os.path.isfile(os.path.join(t.resume, "meta.json")),
          f"train.resume={t.resume!r} must be auto, none or a complete step_* checkpoint directory (it has no "
          f"meta.json)"),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import traceback
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,8 +21,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from data import FrozenEncoders, TooManyBadSamples, make_loader
-from data.shards import BAD_REASONS, check_shard_list
-from model.config import config_to_dict
+from data.shards import BAD_REASONS, check_shard_list, saved_counts
+from model.config import ConfigError, config_to_dict
 from model.dit import DiT, build_model
 from model.flops import train_step_flops
 from model.flow import flow_loss
@@ -35,10 +37,17 @@ from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, r
 from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalar_tensors
 from .state import TrainState
+from .watchdog import StepWatchdog, dump_stacks, flight_recorder_env, frame_where, is_comm_failure, set_collective_timeout
 
 
 class StopTraining(RuntimeError):
-    """A condition that ends the run with a clear message (non-finite losses, too many bad samples)."""
+    """A condition that ends the run with a clear message (non-finite losses, too many bad samples), and
+    that a restart would meet again."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed because another rank stopped responding or died (its stacks are in
+    run_dir/stalls/); a restart from the latest checkpoint can get past it."""
 
 
 def _log0(msg: str) -> None:
@@ -83,12 +92,13 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-def step_flags(loss_sum: torch.Tensor, stop: bool, counts: torch.Tensor, world: int) -> torch.Tensor:
-    """[sum of the ranks' losses, ranks with a non-finite loss, ranks asked to stop, *sum of `counts`]
-    (float64, so that counts stay exact), summed over the ranks in one all-reduce."""
+def step_flags(loss_sum: torch.Tensor, stop: bool, dry: bool, counts: torch.Tensor, world: int) -> torch.Tensor:
+    """[sum of the ranks' losses, ranks with a non-finite loss, ranks asked to stop, ranks whose data ran
+    out, *sum of `counts`] (float64, so that counts stay exact), summed over the ranks in one all-reduce."""
     dev = loss_sum.device
     flags = torch.cat([torch.stack([loss_sum.detach().double(), (~torch.isfinite(loss_sum)).double(),
-                                    torch.tensor(float(stop), dtype=torch.float64, device=dev)]),
+                                    torch.tensor(float(stop), dtype=torch.float64, device=dev),
+                                    torch.tensor(float(dry), dtype=torch.float64, device=dev)]),
                        counts.to(dev, torch.float64)])
     if world > 1:
         dist.all_reduce(flags)
@@ -100,6 +110,45 @@ def _threads(cfg) -> int:
         return cfg.train.threads
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, (os.cpu_count() or 1) // local_world)
+
+
+class StepBatches:
+    """The micro-batches of each optimizer step, fetched one step ahead: a rank whose finite stream has
+    ended says so in the step's all-reduce (`step_flags`), so every rank stops after the same step instead
+    of one rank leaving a collective the others wait in. `data_state` is the loader's position after the
+    batches handed out by `take` (what a checkpoint records), not after the ones fetched ahead."""
+
+    def __init__(self, loader, accum: int):
+        self.loader, self.accum = loader, accum
+        self.batches = iter(loader)
+        self.data_state = loader.state_dict()
+        self.ahead: list = []
+        self.dry = False  # the stream ended before a whole step's micro-batches
+        self.fetch()
+
+    def fetch(self) -> None:
+        """Fetch the next step's micro-batches (`dry` when the stream ends first)."""
+        self.ahead = []
+        for _ in range(self.accum):
+            try:
+                self.ahead.append(next(self.batches))
+            except StopIteration:
+                self.dry = True
+                return
+            except TooManyBadSamples as e:
+                raise StopTraining(str(e)) from e
+
+    def take(self) -> list:
+        """The fetched micro-batches of this step (the loader's position moves past them)."""
+        batches, self.ahead = self.ahead, []
+        self.data_state = self.loader.state_dict()
+        return batches
+
+    def unread(self) -> int:
+        """Samples this rank still had when the run ended: fetched ahead or not yet read (read now,
+        without the loader's transform, to count them)."""
+        self.loader.transform = None
+        return sum(len(b["key"]) for b in self.ahead) + sum(len(b["key"]) for b in self.batches)
 
 
 class _Signals:
@@ -115,12 +164,29 @@ class _Signals:
 
 
 def run(cfg: AppConfig) -> dict:
-    """Train as configured; returns a summary (paths, first/last loss, steps)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """Train as configured; returns a summary (paths, first/last loss, steps). A run that fails records
+    why in run_dir/status.json (`failed`, and whether a restart can help) before the error propagates."""
     rank = int(os.environ.get("RANK", 0))
+    run_dir = Path(cfg.train.run_dir)
+    try:
+        summary = _run(cfg, rank, run_dir)
+    except (ConfigError, StopTraining) as e:
+        write_status(run_dir, "failed", error=str(e), retry=False, rank=rank)
+        raise
+    except CollectiveFailure as e:
+        write_status(run_dir, "failed", error=str(e), retry=True, rank=rank)
+        raise
+    if rank == 0:
+        write_status(run_dir, **summary["status"])
+    return summary
+
+
+def _run(cfg: AppConfig, rank: int, run_dir: Path) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     mcfg, pcfg = validate_app(cfg, world)  # before any process group
     check_shard_list(cfg.data, world)
+    _refuse_repeated_failure(run_dir)
     tc = cfg.train
     torch.set_num_threads(_threads(cfg))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -128,28 +194,68 @@ def run(cfg: AppConfig) -> dict:
         torch.cuda.set_device(device)
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    run_dir = Path(tc.run_dir)
+        for key, value in flight_recorder_env(run_dir).items():
+            os.environ.setdefault(key, value)
+        _join("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=pcfg.init_timeout_s))
     config_dict = to_container(cfg)
     config_dict["model_resolved"] = config_to_dict(mcfg)
     signals = _Signals()
+    trainer = None
     try:
-        summary = Trainer(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals).fit()
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        write_status(run_dir, summary["step"], tc.steps)
+        trainer = Trainer(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
+        summary = trainer.fit()
+    except Exception as e:
+        if not (distributed and is_comm_failure(e)):
+            raise
+        step = trainer.state.step if trainer is not None else 0
+        line = (f"rank {rank}: a collective failed after step {step}, in {frame_where(e.__traceback__)}: "
+                f"{str(e).strip().splitlines()[0][-160:]} (parallel.timeout_s={pcfg.timeout_s:g}, "
+                f"init_timeout_s={pcfg.init_timeout_s:g}): another rank stopped responding or died")
+        path = dump_stacks(run_dir, rank, f"{line}\n\n{traceback.format_exc()}")
+        raise CollectiveFailure(f"{line}; stacks in {path}") from None
+    if distributed and dist.is_initialized():
+        dist.destroy_process_group()
     return summary
 
 
-def write_status(run_dir: Path, step: int, steps: int) -> Path:
-    """`run_dir/status.json`: `finished` once the last step is done, else `stopped` (a signal ended the
-    run early, after its checkpoint). Launchers read it to decide whether to requeue."""
-    path = run_dir / "status.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"state": "finished" if step >= steps else "stopped", "step": step,
-                               "steps": steps}) + "\n")
+def _join(backend: str, timeout: timedelta) -> None:
+    """`init_process_group` over the launcher's env:// rendezvous, its store keys prefixed with torchrun's
+    restart count: a worker group restarted by torchrun (--max-restarts) otherwise reads the previous
+    attempt's gloo addresses from the agent's store and fails to connect (seen with torch 2.13)."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ecdit/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
+def _refuse_repeated_failure(run_dir: Path) -> None:
+    """Under torchrun's in-job restarts (TORCHELASTIC_RESTART_COUNT > 0): stop at once when the previous
+    attempt failed with an error that a restart repeats (status.json `failed`, retry false)."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        return
+    status = read_status(run_dir)
+    if status.get("state") == "failed" and not status.get("retry", True):
+        raise StopTraining(f"not retrying: the previous attempt failed with an error a restart repeats: "
+                           f"{status.get('error')}")
+
+
+def read_status(run_dir: Path) -> dict:
+    """`run_dir/status.json`, or {} when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: Path, state: str, rank: int = 0, **fields) -> Path:
+    """`run_dir/status.json`, written atomically: `finished` (the last step is done, or the finite data
+    stream ended), `stopped` (a signal ended the run early, after its checkpoint), or `failed` (with
+    `error` and `retry`: whether a restart from the latest checkpoint can help). Launchers read it to
+    decide whether to requeue (launch/requeue.py)."""
+    path = Path(run_dir) / "status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.tmp{rank}")
+    tmp.write_text(json.dumps({"state": state, **fields}) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -227,6 +333,8 @@ class Trainer:
         self.peak = device_peak_flops(device, self.tc.peak_tflops)
         self.progress = Progress(self.tc.steps, 0)
         self.first_loss = self.last_loss = None
+        self.batches: StepBatches | None = None
+        self.watchdog = StepWatchdog(self.tc.stall_timeout_s, run_dir, rank)
 
     def _engine(self):
         """(backend, autocast context) of parallel.engine."""
@@ -247,11 +355,27 @@ class Trainer:
         return backend, autocast
 
     def resume(self) -> Path | None:
-        """Load train.resume (auto: the latest checkpoint); the checkpoint resumed from, or None."""
+        """Load train.resume (auto: the newest whole checkpoint); the checkpoint resumed from, or None. Nothing
+        is loaded from a damaged checkpoint (train/checkpoint.py verify): auto falls back to an older whole one
+        with one line naming the damage, and stops when there is none; a damaged train.resume path stops."""
+        from .checkpoint import latest_whole, verify
         tc = self.tc
-        path = {"auto": self.backend.latest(), "none": None}.get(tc.resume, tc.resume)
-        if path is None:
+        if tc.resume == "none":
             return None
+        if tc.resume == "auto":
+            path, damaged = latest_whole(self.backend.checkpoints())
+            damage = "; ".join(f"checkpoint {p} is damaged ({why})" for p, why in damaged)
+            if damaged and path is None:
+                raise StopTraining(f"{damage}: no whole checkpoint to resume from (train.resume=none starts afresh)")
+            if damaged:
+                _log0(f"{damage}: resuming from {path}")
+            if path is None:
+                return None
+        else:
+            path = Path(tc.resume)
+            why = verify(path)
+            if why is not None:
+                raise StopTraining(f"checkpoint {path} is damaged ({why})")
         saved = self.backend.load(Path(path))
         if saved is None:  # saved at another world size: rank 0's counters, every rank's data position
             states = saved_train_states(path)
@@ -271,21 +395,17 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the engine with this rank's train state (RNG, data position)."""
         self.state.rng = {**capture_rng(), "flow": encode_state(self.flow_gen.get_state().cpu())}
-        self.state.data = self.loader.state_dict()
+        self.state.data = self.batches.data_state if self.batches is not None else self.loader.state_dict()
         self.backend.save(self.state.step, self.state.to_dict(), self.config_dict)
 
-    def forward_backward(self, batches, collect_stats: bool) -> tuple[torch.Tensor, list]:
-        """Loss and backward of train.grad_accum micro-batches: (the mean flow loss, NaN if any micro-batch's
-        loss was non-finite; the last micro-batch's MoE statistics)."""
+    def forward_backward(self, batches: list, collect_stats: bool) -> tuple[torch.Tensor, list]:
+        """Loss and backward of the step's train.grad_accum micro-batches: (the mean flow loss, NaN if any
+        micro-batch's loss was non-finite; the last micro-batch's MoE statistics)."""
         accum = self.tc.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         stats: list = []
         dt = torch.bfloat16 if getattr(self.backend, "bf16", False) else None
-        for micro in range(accum):
-            try:
-                batch = next(batches)
-            except TooManyBadSamples as e:
-                raise StopTraining(str(e)) from e
+        for micro, batch in enumerate(batches):
             self.backend.sync_grads(micro == accum - 1)
             x0 = batch["latent"].to(self.device, dtype=dt, non_blocking=True)
             ctx = batch["text_emb"].to(self.device, dtype=x0.dtype, non_blocking=True)
@@ -298,35 +418,38 @@ class Trainer:
             stats = out["out"].moe_stats
         return loss_sum, stats
 
-    def train_step(self, batches) -> bool:
+    def train_step(self, batches: StepBatches) -> tuple[bool, int]:
         """One optimizer step (or one skipped step, if any rank's loss was non-finite), logged every
-        train.log_every steps; whether a rank was asked to stop (a signal)."""
+        train.log_every steps; (whether a rank was asked to stop by a signal, how many ranks have no data
+        for the next step)."""
         tc, state, backend = self.tc, self.state, self.backend
         backend.zero_grad()
         logging_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == tc.steps
-        loss_sum, stats = self.forward_backward(batches, collect_stats=logging_step)
+        loss_sum, stats = self.forward_backward(batches.take(), collect_stats=logging_step)
+        if state.step + 1 < tc.steps:
+            batches.fetch()
         moe_names, moe_values = moe_scalar_tensors(stats) if logging_step else ([], torch.zeros(0))
         counts = _data_counts(self.loader, self.device) if logging_step else torch.zeros(0)
-        flags = step_flags(loss_sum, self.signals.received is not None, counts, self.world)
+        flags = step_flags(loss_sum, self.signals.received is not None, batches.dry, counts, self.world)
         grad_norm_t = backend.clip_grads()  # clipped even if a loss was non-finite: the update is skipped below
         # The step's one host sync, unavoidable: whether to update and whether to stop are host branches
         # that every rank must take alike. A logged step's values come with it.
         values = torch.cat([grad_norm_t.reshape(1).to(flags), flags, moe_values.to(flags)]).tolist()
-        grad_norm, loss_total, nonfinite, stop = values[:4]
+        grad_norm, loss_total, nonfinite, stop, dry = values[:5]
         state.step += 1
         state.samples_seen += self.images_per_step
         if nonfinite > 0:
             self._skip_update()
-            return stop > 0
+            return stop > 0, int(dry)
         state.nan_streak = 0
         backend.apply(tc.ema_decay)
         self.first_loss = loss_total / self.world if self.first_loss is None else self.first_loss
         self.last_loss = loss_total / self.world
         if logging_step:
-            logged = values[4:]  # data counts, then the MoE scalars
+            logged = values[5:]  # data counts, then the MoE scalars
             self._log(grad_norm, {**_data_named(logged[:counts.numel()]),
                                   **dict(zip(moe_names, logged[counts.numel():]))})
-        return stop > 0
+        return stop > 0, int(dry)
 
     def _skip_update(self) -> None:
         """A non-finite step: no update; stop after train.max_nan_steps in a row."""
@@ -358,42 +481,87 @@ class Trainer:
         _log0(f"{self.mcfg.name}: {sum(getattr(p, 'ds_numel', p.numel()) for p in self.model.parameters())} params, {self.world} "
               f"ranks, ep {self.pcfg.ep}, engine {self.pcfg.engine}, {self.images_per_step} images/step, run dir "
               f"{self.run_dir}")
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restarts:
+            _log0(f"worker group restart {restarts} (torchrun --max-restarts): "
+                  + (f"continuing from {resumed}" if resumed is not None else "no checkpoint yet, from the start"))
         last_saved = state.step if resumed is not None else -1
-        batches = iter(self.loader)
-        while state.step < tc.steps:
-            stop = self.train_step(batches)
-            if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop:
+        dry = 0
+        if state.step < tc.steps:
+            self.batches = StepBatches(self.loader, tc.grad_accum)
+            dry = _ranks_dry(self.batches.dry, self.world, self.device)  # a resumed stream may have ended
+        timeout_set = self.world == 1
+        self.watchdog.start(state.step)
+        while state.step < tc.steps and not dry:
+            stop, dry = self.train_step(self.batches)
+            if not timeout_set:  # start-up is over: the training timeout from here on
+                set_collective_timeout(self.pcfg.timeout_s)
+                timeout_set = True
+            if state.step % tc.ckpt_every == 0 or state.step == tc.steps or stop or dry:
                 self.save()
                 last_saved = state.step
+            self.watchdog.beat(state.step)
             if stop:
                 _log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
                 break
-            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps and not dry:
                 self.sample_outputs()
+        self.watchdog.stop()
         self.backend.wait()
         if last_saved != state.step:
             self.save()
             self.backend.wait()
         if tc.check_replicas:
             _check_replicas(self.net)
-        return self.summary()
+        return self.summary(dry)
 
-    def summary(self) -> dict:
-        """Paths, losses, steps and data counts of the run; the final samples once it is finished."""
-        state = self.state
+    def summary(self, dry: int = 0) -> dict:
+        """Paths, losses, steps, data counts and end state (`status`: what run_dir/status.json records) of
+        the run; the final samples once it is finished."""
+        state, tc = self.state, self.tc
         out = {"run_dir": str(self.run_dir), "checkpoints": str(self.run_dir / "checkpoints"), "step": state.step,
                "first_loss": self.first_loss, "last_loss": self.last_loss, "wandb_dir": self.metrics.wandb_dir,
                "stopped_by_signal": self.signals.received is not None,
                "data": _data_totals(self.loader, self.world > 1, self.device)}
-        if self.signals.received is None and state.step >= self.tc.steps:
+        finished = self.signals.received is None and (state.step >= tc.steps or dry > 0)
+        out["status"] = {"state": "finished" if finished else "stopped", "step": state.step, "steps": tc.steps}
+        if dry:
+            out["status"].update(reason="data exhausted", **self._exhausted(dry))
+            out["data_exhausted"] = out["status"]
+        if finished:
             out.update(self.sample_outputs())
         self.metrics.close()
         return out
 
+    def _exhausted(self, dry: int) -> dict:
+        """The end of a finite stream (collective): samples delivered by all ranks (in every run of this
+        stream), and those left unread by the ranks that still had data when the first ran dry; logged."""
+        delivered = saved_counts(self.batches.data_state)["good"] if self.batches is not None else 0
+        counts = torch.tensor([delivered, self.batches.unread() if self.batches is not None else 0],
+                              dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        delivered, unread = (int(v) for v in counts.tolist())
+        _log0(f"data exhausted after step {self.state.step}: {dry} of {self.world} ranks had no data for "
+              f"another step (data.epochs={self.cfg.data.epochs}); {delivered} samples delivered, {unread} left "
+              f"unread by the ranks that still had data (every rank stops after the same step); final "
+              f"checkpoint saved")
+        return {"samples_delivered": delivered, "samples_unread": unread, "ranks_dry": dry}
+
     def sample_outputs(self) -> dict:
-        """The sample grid and expert heatmap at this step (collective)."""
+        """The sample grid and expert heatmap at this step (collective); none without train.sample_prompts."""
+        if not self.tc.sample_prompts:
+            return {}
         return _sample_outputs(self.cfg, self.model, self.metrics, self.run_dir, self.rank, self.state.step,
                                self.device)
+
+
+def _ranks_dry(dry: bool, world: int, device: torch.device) -> int:
+    """How many ranks have no data for the next step (one all-reduce)."""
+    flag = torch.tensor([float(dry)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(flag)
+    return int(flag.item())
 
 
 def _check_replicas(net: torch.nn.Module) -> None:
