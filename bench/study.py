@@ -46,6 +46,7 @@ from bench.common import environment, write_json  # noqa: E402
 from data import load_text_encoder, load_vae  # noqa: E402
 from data.synthetic import (LATER_SETTINGS, MIXES, caption_of, generate_sample, heldout_prompts,  # noqa: E402
                             read_mix, training_prompts, write_shards)
+from launch import extras  # noqa: E402
 from model.config import DiTConfig  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
@@ -722,6 +723,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not extras.installed("study"):  # the report's plots; refused before hours of training
+        print(f"error: {extras.message('study', 'bench/study.py')}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(args.threads)

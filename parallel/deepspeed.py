@@ -60,16 +60,19 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE
-from deepspeed.moe.utils import is_moe_param
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from launch.extras import require
 from model.dit import DiT
 from model.moe import LocalDispatcher
 
 from .expert_parallel import AllToAllDispatcher, keep_local_experts
 from .mesh import ZERO3_EP_REASON
+
+require("deepspeed", "parallel.engine=deepspeed")
+from deepspeed.moe.layer import MoE  # noqa: E402
+from deepspeed.moe.utils import is_moe_param  # noqa: E402
 
 STAGES = (2, 3)
 WEIGHTS_DIR, EMA_FILE, EXPERT_FILE = "weights", "ema.pt", "experts_ep{:03d}.pt"

@@ -25,7 +25,17 @@ map cannot express duplicates.
 
 Importing megatron's dispatcher module takes ~5 s, so megatron is imported lazily, at the first
 construction of a dispatcher. On a machine without CUDA, `install_cpu_shim()` patches the three spots
-of megatron-core 0.16 that assume a GPU; on GPU nothing is patched.
+that assume a GPU; on GPU nothing is patched.
+
+Versions (pyproject's `megatron` extra): 0.16.1 on Python 3.11, the newest there; 0.19.x on Python
+3.12+. What this file uses is the same in both: the dispatcher constructors and their six dispatch /
+combine methods, `ProcessGroupCollection(ep=, tp_ep=, expt_tp=)`, the `TransformerConfig` fields below,
+`parallel_state`'s expert-parallel calls, and the shim's patch points (`_require_patch_points` checks
+them). One behaviour changed: 0.19's unfused permutation keeps the first `num_out_tokens` entries of
+the routing map where 0.16 kept all of them, so `num_out_tokens` must be the map's count, which is
+what `moe_expert_capacity_factor` makes it (`megatron_config`). tests/parallel/test_megatron_dispatch.py
+passes with 0.16.1 and with 0.19.2 (the latter on Python 3.11, its source on PYTHONPATH, its one
+triton-only module stubbed). `import megatron.core` 0.19 needs triton, which CUDA builds of torch bring.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from launch.extras import require
 from model.moe import GroupedExperts, LocalDispatcher
 from model.routing import RoutingPlan
 
@@ -42,7 +53,7 @@ _SHIM_INSTALLED = False
 
 
 def install_cpu_shim() -> bool:
-    """Make megatron-core 0.16.1's token dispatchers run on CPU/gloo. Returns True if installed.
+    """Make megatron-core's token dispatchers (0.16.1, 0.19) run on CPU/gloo. Returns True if installed.
 
     Does nothing when CUDA is available: on GPU megatron runs unpatched. On CPU three spots assume a GPU:
       - `torch.cuda.current_device()` allocates communication buffers (tensor_parallel/mappings.py,
@@ -60,6 +71,7 @@ def install_cpu_shim() -> bool:
         return True
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as A2A
 
+    _require_patch_points(A2A)
     torch.cuda.current_device = lambda: torch.device("cpu")
     A2A.cuda_dtoh_stream = object()  # never used: the method below replaces its only user
 
@@ -74,6 +86,36 @@ def install_cpu_shim() -> bool:
     A2A._maybe_dtoh_and_synchronize = _dtoh_cpu
     _SHIM_INSTALLED = True
     return True
+
+
+def megatron_version() -> str:
+    """The installed megatron-core's version."""
+    from importlib.metadata import version
+    return version("megatron-core")
+
+
+def _require_patch_points(a2a: type) -> None:
+    """Raise RuntimeError unless the all-to-all dispatcher has what `install_cpu_shim` patches and reads:
+    the class attribute `cuda_dtoh_stream`, `_maybe_dtoh_and_synchronize(point, tokens_per_expert)`, and
+    the attributes that method converts (assigned in the source of the class or its bases)."""
+    import inspect
+
+    source = ""
+    for cls in a2a.__mro__[:-1]:
+        try:
+            source += inspect.getsource(cls)
+        except (OSError, TypeError):
+            pass
+    method = getattr(a2a, "_maybe_dtoh_and_synchronize", None)
+    params = list(inspect.signature(method).parameters)[:3] if callable(method) else []
+    missing = [] if hasattr(a2a, "cuda_dtoh_stream") else ["cuda_dtoh_stream"]
+    if params != ["self", "point", "tokens_per_expert"]:
+        missing.append("_maybe_dtoh_and_synchronize(point, tokens_per_expert)")
+    missing += [name for name in ("drop_and_pad", "cuda_dtoh_point", "input_splits", "output_splits",
+                                  "output_splits_tp") if f"self.{name} =" not in source]
+    if missing:
+        raise RuntimeError(f"megatron-core {megatron_version()}: the CPU shim's patch points "
+                           f"{', '.join(missing)} are gone (known: 0.16.1, 0.19); run it on a GPU")
 
 
 def init_parallel_state(mesh: DeviceMesh) -> None:
@@ -103,7 +145,8 @@ def megatron_config(num_experts: int, dim: int, hidden: int, ep: int, kind: str,
     """The `TransformerConfig` the dispatchers read (no megatron module is built from it).
 
     `moe_expert_capacity_factor` is set so that megatron sizes its permutation from the routing map
-    (the fused GPU permute otherwise assumes tokens * topk outputs, wrong for expert choice);
+    (otherwise it assumes tokens * topk outputs, wrong for expert choice: the fused GPU permute, and from
+    0.19 the unfused one too, would keep that many entries of the map);
     `moe_pad_expert_input_to_capacity` stays off (it would drop/pad by megatron's own capacity).
     Fused permutation needs Transformer Engine: on only when CUDA is available.
     """
@@ -155,6 +198,7 @@ class MegatronDispatcher(LocalDispatcher):
             raise ValueError(f"megatron dispatcher kind={kind!r} must be one of {KINDS}")
         if mesh.ndim != 1:
             raise ValueError(f"expert-parallel mesh must be 1-D, got dims {mesh.mesh_dim_names}")
+        require("megatron", f"parallel.dispatcher=megatron_{kind}")
         self.mesh, self.kind, self.size = mesh, kind, mesh.size()
         self.rank = mesh.get_local_rank()
         install_cpu_shim()
@@ -208,4 +252,4 @@ class MegatronDispatcher(LocalDispatcher):
 
 
 __all__ = ["MegatronDispatcher", "install_cpu_shim", "init_parallel_state", "megatron_config",
-           "routing_map_from_plan", "KINDS"]
+           "megatron_version", "routing_map_from_plan", "KINDS"]

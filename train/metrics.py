@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from launch import extras
+
 # Dense bf16 peak FLOP/s of known accelerators, for MFU (train.peak_tflops overrides).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
@@ -74,6 +76,10 @@ class Metrics:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if wandb_mode == "disabled":
+            return
+        if not extras.installed("wandb"):  # metrics.jsonl only, as with wandb_mode=disabled
+            print(f"[metrics] {extras.message('wandb', f'train.wandb_mode={wandb_mode}')} (metrics.jsonl only)",
+                  file=sys.stderr)
             return
         try:
             import wandb
