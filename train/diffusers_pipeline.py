@@ -69,7 +69,11 @@ class ECDiTTransformer2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         _check_folder_version(Path(pretrained_model_name_or_path) / kwargs.get("subfolder", ""), "config.json")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with torch.no_grad():  # own storage per tensor: diffusers may leave unaligned views of the file's
+            for t in [*model.parameters(), *model.buffers()]:  # buffer, which changes CPU matmul rounding
+                t.data = t.data.clone()
+        return model
 
     @classmethod
     def from_dit(cls, model: DiT, weights: str = "raw") -> "ECDiTTransformer2DModel":
