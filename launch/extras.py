@@ -47,15 +47,14 @@ def require(extra: str, feature: str) -> None:
 
 
 def needed(cfg) -> list[tuple[str, str]]:
-    """(extra, feature) for every extra that an `AppConfig` (train/config.py) uses."""
-    p, t = cfg.parallel, cfg.train
+    """(extra, feature) for every extra that an `AppConfig` (train/config.py) cannot run without. Not wandb:
+    without it train/metrics.py says so in one line and writes metrics.jsonl only."""
+    p = cfg.parallel
     out = []
     if p.engine == "deepspeed":
         out.append(("deepspeed", "parallel.engine=deepspeed"))
     if p.dispatcher.startswith("megatron_"):
         out.append(("megatron", f"parallel.dispatcher={p.dispatcher}"))
-    if t.wandb_mode != "disabled":
-        out.append(("wandb", f"train.wandb_mode={t.wandb_mode}"))
     return out
 
 
