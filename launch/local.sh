@@ -9,7 +9,6 @@ cd "$root"
 py="${PYTHON:-$root/.venv/bin/python}"
 nproc="${NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1
-export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}" TORCH_NCCL_DUMP_ON_TIMEOUT=1
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-10}"
+export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}" TORCH_NCCL_DUMP_ON_TIMEOUT=1
 exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" --max-restarts="${MAX_RESTARTS:-3}" \
   -m train "$@"

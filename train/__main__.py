@@ -132,8 +132,8 @@ def _print_summary(s: dict, overrides: list[str]) -> None:
     print(f"  steps:        {s['step']}  (loss {s['first_loss']} -> {s['last_loss']})")
     if "data_exhausted" in s:
         e = s["data_exhausted"]
-        print(f"  data ended:   {e['samples_delivered']} samples delivered, {e['samples_unread']} left unread by "
-              f"ranks that still had data ({e['ranks_dry']} rank(s) ran dry)")
+        print(f"  data ended:   {e['samples_delivered']} samples delivered, {e['samples_unread']} not trained on "
+              f"({e['ranks_dry']} rank(s) ran dry)")
     if "data" in s:
         bad = {k.rsplit("/", 1)[1]: v for k, v in s["data"].items() if k.startswith("data/bad/") and v}
         print(f"  data:         {s['data']['data/good']} good samples, {sum(bad.values())} skipped as bad"

@@ -145,10 +145,12 @@ class StepBatches:
         return batches
 
     def unread(self) -> int:
-        """Samples this rank still had when the run ended: fetched ahead or not yet read (read now,
-        without the loader's transform, to count them)."""
+        """Good samples of this rank's stream that no step trained on: fetched ahead, in a last partial batch
+        (data.drop_last), or not yet read (read now, without the loader's transform, to count them)."""
         self.loader.transform = None
-        return sum(len(b["key"]) for b in self.ahead) + sum(len(b["key"]) for b in self.batches)
+        for _ in self.batches:
+            pass
+        return self.loader.stats()["good"] - saved_counts(self.data_state)["good"]
 
 
 class _Signals:
@@ -534,18 +536,18 @@ class Trainer:
         return out
 
     def _exhausted(self, dry: int) -> dict:
-        """The end of a finite stream (collective): samples delivered by all ranks (in every run of this
-        stream), and those left unread by the ranks that still had data when the first ran dry; logged."""
-        delivered = saved_counts(self.batches.data_state)["good"] if self.batches is not None else 0
-        counts = torch.tensor([delivered, self.batches.unread() if self.batches is not None else 0],
+        """The end of a finite stream (collective): samples delivered by all ranks (over every run of this
+        stream), and those no step trained on (left by the ranks that still had data when the first ran dry,
+        or in a last partial batch); logged."""
+        counts = torch.tensor([saved_counts(self.batches.data_state)["good"], self.batches.unread()],
                               dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(counts)
         delivered, unread = (int(v) for v in counts.tolist())
         _log0(f"data exhausted after step {self.state.step}: {dry} of {self.world} ranks had no data for "
-              f"another step (data.epochs={self.cfg.data.epochs}); {delivered} samples delivered, {unread} left "
-              f"unread by the ranks that still had data (every rank stops after the same step); final "
-              f"checkpoint saved")
+              f"another step (data.epochs={self.cfg.data.epochs}); {delivered} samples delivered, {unread} not "
+              f"trained on (left by the ranks that still had data, or in a last partial batch); every rank "
+              f"stopped after the same step; final checkpoint saved")
         return {"samples_delivered": delivered, "samples_unread": unread, "ranks_dry": dry}
 
     def sample_outputs(self) -> dict:

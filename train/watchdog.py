@@ -32,8 +32,8 @@ PROJECT_DIRS = ("train", "model", "parallel", "data", "launch")
 def flight_recorder_env(run_dir: Path) -> dict[str, str]:
     """The NCCL flight recorder's settings: a trace buffer, a dump on timeout, into run_dir/comm_trace/
     (one file per rank; read with `python -m torch.distributed.flight_recorder.fr_trace`)."""
-    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(run_dir).resolve() / "comm_trace" / "rank_")}
+    return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir).resolve() / "comm_trace" / "rank_")}
 
 
 def set_collective_timeout(seconds: float) -> None:

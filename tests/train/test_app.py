@@ -165,12 +165,20 @@ def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message)
     ("train.precision=fp8", "train.precision='fp8' must be auto, fp32 or bf16"),
     ("train.ema_decay=1", "train.ema_decay=1.0 must be in [0, 1)"),
     ("data.batch_size=5", "model.moe.group_size=512 must divide the 640 tokens a rank routes per micro-batch"),
+    ("train.sample_steps=0", "train.sample_steps=0 must be >= 1"),
+    ("train.sample_every=5 train.sample_prompts=[]", "train.sample_every=5 needs train.sample_prompts"),
+    ("train.guidance=-1", "train.guidance=-1.0 must be >= 0"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be two values in [0, 1)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] must be two values in [0, 1)"),
+    ("train.stall_timeout_s=-1", "train.stall_timeout_s=-1.0 must be >= 0"),
+    ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
+    ("parallel.init_timeout_s=-5", "parallel.init_timeout_s=-5.0 must be > 0"),
 ])
 def test_bad_values_are_one_config_error_naming_the_field(override, message):
     from model.config import ConfigError
     from train.config import compose_app, validate_app
     with pytest.raises(ConfigError) as err:
-        validate_app(compose_app([override]), 1)
+        validate_app(compose_app(override.split()), 1)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert err.value.field == message.split("=")[0] and override.split("=")[0] in str(err.value)
 

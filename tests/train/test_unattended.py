@@ -1,0 +1,159 @@
+"""What a job survives without a person: the end of a finite stream at 1, 2 and 3 ranks (and 2 ranks resumed
+at 3) is a clean stop after the same step on every rank, with a final checkpoint and every sample
+delivered at most once; the step watchdog dumps the stacks and exits; the requeue decisions of
+launch/requeue.py; an error a restart repeats is not retried by torchrun. Killed, stopped and crashing
+ranks under slurm are in tests/slurm/test_slurm.py."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data.stream import merge_states
+from launch.requeue import FAILURES, decide
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "train"))
+from test_app import BASE, _env  # noqa: E402
+
+SHARD, SHARDS = 32, 4  # 128 samples; batch 4
+ARGS = [*BASE, "model.moe.num_experts=4", "train.ckpt_every=100", "parallel=fsdp", "data.epochs=1",
+        "train.sample_prompts=[]"]
+
+
+@pytest.fixture(scope="module")
+def shards4(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shapes4")
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--num-samples", str(SHARD * SHARDS),
+                    "--shard-size", str(SHARD)], cwd=ROOT, check=True, capture_output=True)
+    return f"data.shards='{out}/shapes-{{000000..{SHARDS - 1:06d}}}.tar'"
+
+
+def _train(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    return subprocess.run([*launcher, "-m", "train", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _remaining(states: list[dict]) -> int:
+    """Samples of epoch 0 not yet delivered, from every rank's saved data state."""
+    readers = [p["reader"] for s in states for p in s["data"]["workers"].values()]
+    work = merge_states(readers, SHARDS, shuffle=True)
+    return sum(len(i.pending) + SHARD - min(i.upto, SHARD) for i in work.get(0, []))
+
+
+def _check_clean_end(proc, run: Path) -> dict:
+    """The run ended by itself after the data: exit 0, no traceback, status `finished` (data exhausted), a final
+    checkpoint of the last step, and every delivered sample a distinct one (the final checkpoint's data
+    positions account for all 128: delivered + left unread)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["reason"] == "data exhausted", status
+    assert f"data exhausted after step {status['step']}" in proc.stdout
+    final = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert final.name == f"step_{status['step']:08d}"
+    states = [json.loads(f.read_text()) for f in sorted((final / "train").glob("rank*.json"))]
+    left = _remaining(states)
+    assert SHARD * SHARDS - left == status["samples_delivered"]  # each delivered sample a distinct one
+    assert left == status["samples_unread"]
+    assert not (run / "samples").exists()  # train.sample_prompts=[]: no sample grid
+    return status
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_finite_stream_ends_cleanly_on_every_rank(tmp_path, shards4, ranks):
+    run = tmp_path / "run"
+    proc = _train(ranks, [*ARGS, shards4, "train.steps=1000", f"train.run_dir={run}"])
+    status = _check_clean_end(proc, run)
+    # Shards 0..3 dealt to readers r, r + ranks, ...: 3 ranks hold 64, 32 and 32 samples; all stop with the
+    # ranks that ran dry after 8 steps, the 32 samples rank 0 still had are left unread.
+    expected = {1: (32, 128, 0), 2: (16, 128, 0), 3: (8, 96, 32)}[ranks]
+    assert (status["step"], status["samples_delivered"], status["samples_unread"]) == expected
+
+
+@pytest.mark.distributed
+def test_finite_stream_resumed_at_another_world_size_ends_cleanly(tmp_path, shards4):
+    """2 ranks for 5 steps, then 3 ranks to the end of the epoch: the elastic restore deals the remaining
+    samples out unevenly, and the run still stops on every rank after the same step."""
+    run = tmp_path / "run"
+    two = _train(2, [*ARGS, shards4, "train.steps=5", f"train.run_dir={run}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    three = _train(3, [*ARGS, shards4, "train.steps=1000", f"train.run_dir={run}"])
+    assert "the data stream continues its epoch over 3 ranks" in three.stdout
+    status = _check_clean_end(three, run)
+    assert status["step"] > 5 and status["samples_delivered"] + status["samples_unread"] == 128
+
+
+def test_step_watchdog_dumps_every_stack_and_exits(tmp_path):
+    code = ("import time; from pathlib import Path; from train.watchdog import StepWatchdog\n"
+            f"w = StepWatchdog(1.0, Path({str(tmp_path)!r}), rank=3); w.start(7)\n"
+            "def wait_for_the_peer(): time.sleep(60)\n"
+            "wait_for_the_peer()\n")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4 and time.time() - start < 20
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 3 stalled: no optimizer step for "), proc.stderr
+    assert "after step 7, in wait_for_the_peer (<string>:3)" in lines[0]
+    dump = (tmp_path / "stalls" / "rank00003.txt").read_text()
+    assert dump.startswith("rank 3 stalled") and 'File "<string>", line 3 in wait_for_the_peer' in dump
+
+
+def _status(run: Path, **status) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "status.json").write_text(json.dumps(status))
+
+
+def _checkpoint(run: Path, step: int) -> None:
+    d = run / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text("{}")
+
+
+def test_requeue_decisions(tmp_path):
+    run = tmp_path / "run"
+    _status(run, state="finished", step=64, steps=100, reason="data exhausted")
+    assert decide(run, 0, 3) == (False, "the run finished at step 64 (data exhausted): not requeueing")
+    _status(run, state="stopped", step=7, steps=100)
+    assert decide(run, 0, 3)[0] is True
+    _status(run, state="failed", error="optim.lr=-1.0 must be > 0", retry=False)
+    assert decide(run, 1, 3) == (False, "not requeueing: optim.lr=-1.0 must be > 0 (a restart would repeat it)")
+    assert not (run / FAILURES).exists()
+
+    (run / "status.json").unlink()  # a killed process writes nothing
+    _checkpoint(run, 4)
+    for k in (1, 2):
+        requeue, line = decide(run, 137, 2, job="9")
+        assert requeue and line.startswith(f"failure {k} of at most 2 in a row since the checkpoint of step 4: "
+                                           "srun exited 137 with no error recorded")
+    _checkpoint(run, 8)  # progress: the streak starts again
+    assert decide(run, 1, 2)[1].startswith("failure 1 of at most 2 in a row since the checkpoint of step 8")
+    _status(run, state="failed", error="rank 0: a collective failed after step 9", retry=True)
+    assert decide(run, 1, 2)[0] is True
+    requeue, line = decide(run, 1, 2)
+    assert not requeue and line == ("giving up: 3 failures in a row with no checkpoint after step 8 "
+                                    "(MAX_FAILURES=2); the last: rank 0: a collective failed after step 9")
+    rows = [json.loads(r) for r in (run / FAILURES).read_text().splitlines()]
+    assert [r["checkpoint_step"] for r in rows] == [4, 4, 8, 8, 8] and rows[0]["job"] == "9"
+
+
+def test_torchrun_restart_does_not_repeat_an_error_a_restart_repeats(tmp_path, shards4):
+    """A restarted worker (TORCHELASTIC_RESTART_COUNT > 0) whose previous attempt failed with a
+    non-retryable error stops at once with one line, before building anything."""
+    run = tmp_path / "run"
+    _status(run, state="failed", error="3 non-finite losses in a row (train.max_nan_steps=3)", retry=False)
+    proc = subprocess.run([sys.executable, "-m", "train", *ARGS, shards4, f"train.run_dir={run}"], cwd=ROOT,
+                          env={**_env(), "TORCHELASTIC_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: not retrying: the previous attempt failed with an error a restart "
+                                   "repeats: 3 non-finite losses in a row (train.max_nan_steps=3)")
+    assert not (run / "checkpoints").exists()
