@@ -1,6 +1,9 @@
 """launch/slurm/train.sbatch under a real slurm (one node on localhost, CPU): training with two launchers
-on one node, the DeepSpeed launcher, and preemption -> checkpoint -> requeue -> exact resume. The
-command lines that depend on the node count are checked with stand-ins for srun/scontrol (no slurm)."""
+on one node, the DeepSpeed launcher, preemption -> checkpoint -> requeue -> exact resume, and what the job
+survives by itself: a killed rank and a stopped rank (torchrun restarts the worker group, the job finishes
+with the uninterrupted run's losses) and a rank that crashes at the same step every time (requeued up to
+MAX_FAILURES, then the job ends saying so). The command lines that depend on the node count are checked
+with stand-ins for srun/scontrol (no slurm)."""
 
 import json
 import os
@@ -70,6 +73,20 @@ def wait_done(slurm, job_id: str, log: Path, timeout: float = 240) -> dict:
         raise AssertionError(log.read_text()[-4000:] if log.exists() else f"job {job_id}: no log")
 
 
+def worker_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the trainer process of `rank` in the run writing to `run_dir` (not its launcher)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (f"train.run_dir={run_dir}".encode() in cmd and f"RANK={rank}".encode() in env
+                and b"torch.distributed.run" not in cmd and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"):
+            return int(pid)
+    return None
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
@@ -127,6 +144,82 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, shapes, unin
     assert losses(run) == losses(uninterrupted / "run")  # every step, bit for bit
 
 
+def _fault_mid_run(slurm, shapes, tmp_path, signal_name: str, *extra) -> tuple[Path, str, Path, int]:
+    """Submit the uninterrupted run's job (2 tasks x 1 process, checkpoints every 4 steps), send `signal_name`
+    to the rank-1 trainer once step 6 is logged; (run dir, job id, log, pid signalled)."""
+    run = tmp_path / "run"
+    job_id = submit(slurm, [*CPU_JOB, "--ntasks-per-node=2"],
+                    [*BASE, shapes, "parallel=fsdp_ep", "train.steps=12", "train.ckpt_every=4",
+                     f"train.run_dir={run}", *extra], tmp_path, NPROC_PER_NODE="1")
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6, 240, "6 logged steps")
+    pid = worker_pid(run, 1)
+    assert pid is not None
+    subprocess.run(["kill", f"-{signal_name}", str(pid)], check=True)
+    return run, job_id, tmp_path / f"slurm-{job_id}.out", pid
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_a_killed_rank_restarts_the_worker_group_and_the_job_finishes_exactly(slurm, shapes, uninterrupted,
+                                                                              tmp_path):
+    run, job_id, log, _ = _fault_mid_run(slurm, shapes, tmp_path, "KILL")
+    info = wait_done(slurm, job_id, log, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    resumed = re.search(r"worker group restart 1 \(torchrun --max-restarts\): continuing from (\S+)", text)
+    assert resumed and Path(resumed.group(1)).name in ("step_00000004", "step_00000008"), text[-4000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert losses(run) == losses(uninterrupted / "run")  # every step, bit for bit, the resumed ones included
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_a_stopped_rank_is_given_up_on_within_the_timeout_and_the_job_finishes(slurm, shapes, uninterrupted,
+                                                                               tmp_path):
+    """SIGSTOP, never continued: rank 0 gives up after parallel.timeout_s (plus a margin for the step it was
+    in and a loaded machine) with its stacks in stalls/; torchrun kills the stopped process and restarts the
+    group, which finishes with the uninterrupted losses."""
+    timeout_s, margin_s = 10, 50
+    run, job_id, log, pid = _fault_mid_run(slurm, shapes, tmp_path, "STOP", f"parallel.timeout_s={timeout_s}")
+    stopped = time.time()
+    dump = run / "stalls" / "rank00000.txt"
+    wait_for(dump.exists, timeout_s + margin_s, "rank 0 to give up on the stopped rank")
+    first = dump.read_text().splitlines()[0]
+    assert first.startswith("rank 0: a collective failed after step ") and f"parallel.timeout_s={timeout_s}" in first
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or
+             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", 120, "the stopped process to be killed")
+    info = wait_done(slurm, job_id, log, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "worker group restart 1 (torchrun --max-restarts)" in text and "error: rank 0: a collective failed" in text
+    assert losses(run) == losses(uninterrupted / "run")
+    assert time.time() - stopped < 400
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_a_rank_crashing_at_the_same_step_ends_the_job_after_max_failures(slurm, shapes, tmp_path):
+    """Rank 1 aborts before step 6 in every attempt (checkpoint at step 4); torchrun does not restart
+    (MAX_RESTARTS=0), the script requeues once (MAX_FAILURES=1), and the second failure from the same
+    checkpoint ends the job with a last line saying so."""
+    run = tmp_path / "run"
+    job_id = submit(slurm, [*CPU_JOB, "--ntasks-per-node=2"],
+                    [*BASE, shapes, "parallel=fsdp_ep", "train.steps=12", "train.ckpt_every=4", f"train.run_dir={run}"],
+                    tmp_path, NPROC_PER_NODE="1", MODULE="tests.slurm.crashing_train", CRASH_STEP="6",
+                    MAX_RESTARTS="0", MAX_FAILURES="1")
+    log = tmp_path / f"slurm-{job_id}.out"
+    info = wait_done(slurm, job_id, log, timeout=400)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", text[-4000:]
+    assert "[slurm] failure 1 of at most 1 in a row since the checkpoint of step 4: srun exited" in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("[slurm] giving up: 2 failures in a row with no checkpoint after step 4 "
+                           "(MAX_FAILURES=1); the last: "), text[-3000:]
+    rows = [json.loads(line) for line in (run / "failures.jsonl").read_text().splitlines()]
+    assert [r["checkpoint_step"] for r in rows] == [4, 4] and rows[0]["job"] == job_id
+
+
 @pytest.mark.slurm
 @pytest.mark.distributed
 def test_deepspeed_launcher_trains_under_slurm(slurm, shapes, tmp_path):
@@ -178,16 +271,17 @@ def test_sixteen_node_command_lines(tmp_path, launcher):
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if "python" in line or ".venv" in line]
     assert len(commands) == 16
     for rank, cmd in enumerate(commands):
-        assert "--master_addr=node01" in cmd and "--master_port=24242" in cmd
-        assert f"--node_rank={rank}" in cmd
         assert cmd[-3:] == ["experiment=paper_xl_8e", "train.name=xl", "train.run_dir=runs/xl"]
-        if launcher == "torchrun":
-            assert {"--nnodes=16", "--nproc_per_node=8"} <= set(cmd) and cmd[cmd.index("-m", 2) + 1] == "train"
+        if launcher == "torchrun":  # c10d rendezvous, so that a failed worker restarts the group on every node
+            assert {"--nnodes=16", "--nproc_per_node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node01:24242",
+                    "--rdzv-id=4242", "--max-restarts=3"} <= set(cmd) and cmd[cmd.index("-m", 2) + 1] == "train"
         else:
+            assert "--master_addr=node01" in cmd and "--master_port=24242" in cmd
+            assert f"--node_rank={rank}" in cmd
             hostfile = next(a.split("=", 1)[1] for a in cmd if a.startswith("--hostfile="))
             assert Path(hostfile).read_text().splitlines() == [f"task{i} slots=8" for i in range(16)]
             assert "--no_ssh" in cmd and "train/__main__.py" in cmd
-    assert not (tmp_path / "calls").exists()  # finished-or-failed runs are not requeued
+    assert not (tmp_path / "calls").exists()  # a run that wrote no status.json is not requeued
 
 
 def test_no_gpus_and_no_nproc_is_refused(tmp_path):
