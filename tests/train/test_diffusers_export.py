@@ -6,7 +6,10 @@ statistics and the identity pixel VAE; export -> load -> export gives the same t
 export version is refused with one line."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from train.export import main as export_main
 from train.generate import generate, generate_latents
 from train.inference_model import load_model
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow diamond"]
 ATOL = 1e-6  # images in [-1, 1], fp32 on CPU
 STEPS, GUIDANCE, SEED = 3, 4.0, 3
@@ -200,3 +204,20 @@ def test_bad_call_arguments_are_one_line(pipes):
         with pytest.raises(SampleError, match=field) as err:
             pipe(PROMPTS[:1], **kw)
         assert "\n" not in str(err.value)
+
+
+def test_loads_and_samples_without_the_training_stack(exports):
+    """The user's path imports torch, diffusers, transformers, safetensors and our model code only: loading
+    and sampling imports none of hydra, omegaconf, wandb, deepspeed, megatron, webdataset (all installed here)."""
+    code = f"""
+import sys
+from train.diffusers_pipeline import ECDiTPipeline
+pipe = ECDiTPipeline.from_pretrained({str(exports["tiny-dense"]["dx"])!r})
+size = pipe("a red circle", num_inference_steps=2).images[0].size
+stack = ("hydra", "omegaconf", "wandb", "deepspeed", "megatron", "webdataset")
+print(size, sorted({{m.split(".")[0] for m in sys.modules}} & set(stack)))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "(8, 8) []"
