@@ -33,6 +33,9 @@ from train.generate import SampleError, _check_group_size, inference_routing, pr
 # Version of the folder layout and configs written here; a folder of another version is refused.
 EXPORT_VERSION = 1
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# FlowMatchEulerDiscreteScheduler options that would leave our schedule (model/flow.py timesteps).
+SCHEDULER_OFF = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                 "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
 
 
 class ExportVersionError(ValueError):
@@ -174,6 +177,10 @@ class ECDiTPipeline(DiffusionPipeline):
             raise SampleError(f"group_size={group_size} needs routing='tokens' and a value >= 1")
         if dynamic_multiplier is not None and (routing != "dynamic" or dynamic_multiplier <= 0):
             raise SampleError(f"dynamic_multiplier={dynamic_multiplier} needs routing='dynamic' and a value > 0")
+        for flag in SCHEDULER_OFF:
+            if self.scheduler.config.get(flag):
+                raise SampleError(f"scheduler config {flag}={self.scheduler.config.get(flag)}: must be off to follow "
+                                  f"the training sampler's schedule")
         cfg = self.transformer.dit.cfg
         if routing == "tokens" and cfg.moe is not None:
             N = len(prompts)

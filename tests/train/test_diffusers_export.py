@@ -204,6 +204,12 @@ def test_bad_call_arguments_are_one_line(pipes):
         with pytest.raises(SampleError, match=field) as err:
             pipe(PROMPTS[:1], **kw)
         assert "\n" not in str(err.value)
+    pipe.scheduler.register_to_config(use_karras_sigmas=True)
+    try:
+        with pytest.raises(SampleError, match="use_karras_sigmas"):
+            pipe(PROMPTS[:1])
+    finally:
+        pipe.scheduler.register_to_config(use_karras_sigmas=False)
 
 
 def test_loads_and_samples_without_the_training_stack(exports):
