@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig, data_shapes
 from data.manifest import apply_manifest
+from launch import extras
 from model.config import PRESETS, ConfigError, DiTConfig, get_preset
 from model.flow import FlowConfig
 from parallel.mesh import ParallelConfig
@@ -161,6 +162,7 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
     """Check everything that can be checked before a process group exists, in one pass that raises
     `ConfigError` naming the field. Latent data: cfg.data takes the settings of the shards' manifest.json
     (data/manifest.py) in place."""
+    extras.check(cfg)  # an optional dependency the config needs (DeepSpeed, megatron-core) is installed
     cfg.data.validate()
     if cfg.data.kind == "latent":
         cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json

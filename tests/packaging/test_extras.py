@@ -78,3 +78,15 @@ def test_check_refuses_the_first_missing_extra_a_config_uses(monkeypatch):
     assert str(e.value) == "parallel.dispatcher=megatron_alltoall needs megatron-core: pip install 'ecdit[megatron]'"
     assert e.value.field == "parallel.dispatcher" and isinstance(e.value, extras.MissingExtra)
     extras.check(cfg("deepspeed"))  # megatron is not needed there
+
+
+def test_train_without_deepspeed_refuses_the_engine_up_front(tmp_path):
+    """`python -m train parallel=deepspeed_zero2` on a core install: one `error:` line from validation, before
+    any process group, model or data exists."""
+    code = ("import sys; sys.argv = ['train', 'parallel=deepspeed_zero2', 'train.run_dir=" + str(tmp_path / "run")
+            + "']\nfrom train.__main__ import main\nmain()")
+    proc = run_without("deepspeed", code)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: parallel.engine=deepspeed needs DeepSpeed: pip install 'ecdit[deepspeed]'")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["status.json"]  # no metrics, wandb or checkpoints
