@@ -89,4 +89,4 @@ def test_train_without_deepspeed_refuses_the_engine_up_front(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: parallel.engine=deepspeed needs DeepSpeed: pip install 'ecdit[deepspeed]'")
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["status.json"]  # no metrics, wandb or checkpoints
+    assert not {"metrics.jsonl", "wandb", "checkpoints"} & {p.name for p in (tmp_path / "run").iterdir()}

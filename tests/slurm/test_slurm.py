@@ -138,7 +138,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, shapes, unin
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     stopped = int(re.search(r"checkpoint saved at step (\d+); exiting", text).group(1))
     assert 3 <= stopped < 12, text[-3000:]
-    assert "[slurm] requeueing job" in text and f"resumed from {run}/checkpoints/step_{stopped:08d}" in text
+    assert f"[slurm] the run stopped at step {stopped} after its checkpoint (warning signal): requeueing" in text
+    assert f"resumed from {run}/checkpoints/step_{stopped:08d}" in text
     assert "[slurm] job %s restart 1" % job_id in text
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*"))[-1] == "step_00000012"
     assert losses(run) == losses(uninterrupted / "run")  # every step, bit for bit
