@@ -23,12 +23,14 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelM
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from PIL import Image
 
 from model.config import config_from_dict, config_to_dict
 from model.dit import DiT
 from model.flow import cfg_velocity
 from model.routing import InferenceRouting, LoadMeter
 from train.generate import SampleError, _check_group_size, inference_routing, prompt_noise
+from train.visualize import to_uint8
 
 # Version of the folder layout and configs written here; a folder of another version is refused.
 EXPORT_VERSION = 1
@@ -94,12 +96,6 @@ class ECDiTTransformer2DModel(ModelMixin, ConfigMixin):
         pred = self.dit(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                         text_drop_B=text_drop, collect_stats=False, routing=routing).pred
         return Transformer2DModelOutput(sample=pred) if return_dict else (pred,)
-
-
-def _to_uint8_NHWC(images_NCHW: torch.Tensor):
-    """[N, 3, H, W] in [-1, 1] -> uint8 numpy [N, H, W, 3] (as train.sample writes its PNGs)."""
-    x = ((images_NCHW.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class ECDiTPipeline(DiffusionPipeline):
@@ -226,21 +222,20 @@ class ECDiTPipeline(DiffusionPipeline):
                 velocity = cfg_velocity(net, emb_BLY, mask_BL, guidance_scale)
                 self.scheduler.set_timesteps(sigmas=s.numpy(), device=device)
                 for i, t in enumerate(self.scheduler.timesteps):
-                    v = velocity(x, self.scheduler.sigmas[i].expand(x.shape[0]))  # t in [0, 1], fp32 as in euler_sample
+                    v = velocity(x, self.scheduler.sigmas[i].expand(x.shape[0]))  # t in [0, 1], fp32
                     x = self.scheduler.step(v, t, x).prev_sample
                 out.append(x.float().cpu())
         latents_NCHW = torch.cat(out)
-        self.maybe_free_model_hooks()
         if output_type == "latent":
             images = latents_NCHW
         else:
             images_NCHW = torch.cat([self.decode_latents(latents_NCHW[i:i + batch_size])
                                      for i in range(0, len(prompts), batch_size)])
             if output_type == "pil":
-                from PIL import Image
-                images = [Image.fromarray(a) for a in _to_uint8_NHWC(images_NCHW)]
+                images = [Image.fromarray(a) for a in to_uint8(images_NCHW)]  # as train.sample's PNGs
             elif output_type == "pt":
                 images = (images_NCHW + 1) / 2
             else:
                 images = ((images_NCHW + 1) / 2).permute(0, 2, 3, 1).numpy()
+        self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
