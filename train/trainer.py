@@ -37,7 +37,8 @@ from .checkpoint import Checkpointer, capture_rng, decode_state, encode_state, r
 from .config import AppConfig, to_container, validate_app
 from .metrics import Metrics, Progress, device_peak_flops, moe_scalar_tensors
 from .state import TrainState
-from .watchdog import StepWatchdog, dump_stacks, flight_recorder_env, frame_where, is_comm_failure, set_collective_timeout
+from .watchdog import (StepWatchdog, dump_stacks, flight_recorder_env, frame_where, is_comm_failure,
+                       set_collective_timeout)
 
 
 class StopTraining(RuntimeError):
@@ -202,21 +203,23 @@ def _run(cfg: AppConfig, rank: int, run_dir: Path) -> dict:
     config_dict = to_container(cfg)
     config_dict["model_resolved"] = config_to_dict(mcfg)
     signals = _Signals()
-    trainer = None
+    trainer, group_failed = None, False
     try:
         trainer = Trainer(cfg, mcfg, pcfg, world, rank, device, run_dir, config_dict, signals)
         summary = trainer.fit()
     except Exception as e:
         if not (distributed and is_comm_failure(e)):
             raise
+        group_failed = True  # its teardown could wait on the peer that failed
         step = trainer.state.step if trainer is not None else 0
         line = (f"rank {rank}: a collective failed after step {step}, in {frame_where(e.__traceback__)}: "
                 f"{str(e).strip().splitlines()[0][-160:]} (parallel.timeout_s={pcfg.timeout_s:g}, "
                 f"init_timeout_s={pcfg.init_timeout_s:g}): another rank stopped responding or died")
         path = dump_stacks(run_dir, rank, f"{line}\n\n{traceback.format_exc()}")
         raise CollectiveFailure(f"{line}; stacks in {path}") from None
-    if distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    finally:
+        if distributed and dist.is_initialized() and not group_failed:
+            dist.destroy_process_group()
     return summary
 
 
