@@ -7,14 +7,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "model.dit",
+           "parallel.parallelize", "tests.model.helpers", "tests.parallel.helpers"]
+
+
 def run_workers(fn, world: int, tmp_path, *args) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each)."""
+    """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each, this
+    process's environment). They fork from a forkserver that imported PRELOAD once and runs nothing else,
+    instead of each starting an interpreter and importing torch."""
     os.environ["OMP_NUM_THREADS"] = "1"
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg-init"), args), nprocs=world, join=True)
+    mp.set_forkserver_preload(PRELOAD)  # read when the server first starts
+    mp.start_processes(_entry, args=(fn, world, str(tmp_path / "pg-init"), args, dict(os.environ)), nprocs=world,
+                       join=True, start_method="forkserver")
 
 
-def _entry(rank, fn, world, init_file, args):
+def _entry(rank, fn, world, init_file, args, env):
+    os.environ.clear()
+    os.environ.update(env)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
