@@ -10,5 +10,7 @@ py="${PYTHON:-$root/.venv/bin/python}"
 nproc="${NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1
 export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}" TORCH_NCCL_DUMP_ON_TIMEOUT=1
+# A restarted worker group rendezvouses on a fresh store (the shared one keeps the last attempt's addresses).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" --max-restarts="${MAX_RESTARTS:-3}" \
   -m train "$@"

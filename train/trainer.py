@@ -224,13 +224,15 @@ def _run(cfg: AppConfig, rank: int, run_dir: Path) -> dict:
 
 
 def _join(backend: str, timeout: timedelta) -> None:
-    """`init_process_group` over the launcher's env:// rendezvous, its store keys prefixed with torchrun's
-    restart count: a worker group restarted by torchrun (--max-restarts) otherwise reads the previous
-    attempt's gloo addresses from the agent's store and fails to connect (seen with torch 2.13)."""
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"ecdit/attempt_{attempt}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+    """`init_process_group` with the start-up timeout. Under torchrun with restarts, a restarted worker group
+    can read the previous attempt's addresses from the agent's shared store and fail to connect (seen with
+    torch 2.13): the launchers set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each round); a bare
+    torchrun without it gets one line saying so."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+        _log0("torchrun --max-restarts with the agent's shared store: a restarted group may fail to reconnect; "
+              "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/local.sh and the other launchers do)")
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def _refuse_repeated_failure(run_dir: Path) -> None:
@@ -486,7 +488,7 @@ class Trainer:
         _log0(f"{self.mcfg.name}: {sum(getattr(p, 'ds_numel', p.numel()) for p in self.model.parameters())} params, {self.world} "
               f"ranks, ep {self.pcfg.ep}, engine {self.pcfg.engine}, {self.images_per_step} images/step, run dir "
               f"{self.run_dir}")
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        restarts = _restarts(self.world, self.device)
         if restarts:
             _log0(f"worker group restart {restarts} (torchrun --max-restarts): "
                   + (f"continuing from {resumed}" if resumed is not None else "no checkpoint yet, from the start"))
@@ -559,6 +561,15 @@ class Trainer:
             return {}
         return _sample_outputs(self.cfg, self.model, self.metrics, self.run_dir, self.rank, self.state.step,
                                self.device)
+
+
+def _restarts(world: int, device: torch.device) -> int:
+    """How often torchrun has restarted this worker group: the most of the ranks' TORCHELASTIC_RESTART_COUNT
+    (each node's agent counts only the restarts its own workers' failures caused)."""
+    count = torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
+    if world > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _ranks_dry(dry: bool, world: int, device: torch.device) -> int:

@@ -14,3 +14,5 @@ export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" HF_HUB_OFFLINE=1
 # NCCL's flight recorder, dumped on a collective timeout (the trainer points the dump into RUN_DIR/comm_trace).
 export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}" TORCH_NCCL_DUMP_ON_TIMEOUT=1
+# A restarted worker group rendezvouses on a fresh store (the shared one keeps the last attempt's addresses).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
