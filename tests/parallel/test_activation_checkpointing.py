@@ -40,9 +40,9 @@ def _step(rank, world, checkpointing: bool):
     forward_calls = list(calls)
     loss.backward()
     backward_calls = [c - f for c, f in zip(calls, forward_calls)]
-    grads = {n.replace("._checkpoint_wrapped_module", ""): (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for n, p in model.named_parameters()}
-    updates = [b.item() for n, b in model.named_buffers() if n.endswith("threshold_updates")]
+    grads = {name.replace("._checkpoint_wrapped_module", ""): p.grad.to_local() if isinstance(p.grad, DTensor)
+             else p.grad.clone() for name, p in model.named_parameters()}
+    updates = [b.item() for name, b in model.named_buffers() if name.endswith("threshold_updates")]
     return forward_calls, backward_calls, saved[0], grads, updates
 
 
