@@ -5,7 +5,8 @@ import os
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.parallel.helpers import spawn
 
 
 def _rank_main(rank, world, init_file, pattern, out_dir):
@@ -28,7 +29,7 @@ def _rank_main(rank, world, init_file, pattern, out_dir):
 
 def _run(tmp_path, pattern):
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), pattern, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_main, (2, str(tmp_path / "init"), pattern, str(tmp_path)), 2)
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
 
 

@@ -1,4 +1,4 @@
-"""Helpers for multi-process tests: spawn gloo workers, per-rank batches, a deterministic loss."""
+"""Helpers for multi-process tests: start gloo workers from a forkserver, per-rank batches, a deterministic loss."""
 
 import os
 
@@ -6,25 +6,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "model.dit",
            "parallel.parallelize", "tests.model.helpers", "tests.parallel.helpers"]
 
 
-def run_workers(fn, world: int, tmp_path, *args) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each, this
-    process's environment). They fork from a forkserver that imported PRELOAD once and runs nothing else,
-    instead of each starting an interpreter and importing torch."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    tmp_path.mkdir(parents=True, exist_ok=True)
+def spawn(fn, args: tuple, nprocs: int) -> None:
+    """mp.spawn(fn, args, nprocs) with this process's environment, the processes forked from a forkserver
+    that imported PRELOAD once and runs nothing else, instead of each starting an interpreter."""
     mp.set_forkserver_preload(PRELOAD)  # read when the server first starts
-    mp.start_processes(_entry, args=(fn, world, str(tmp_path / "pg-init"), args, dict(os.environ)), nprocs=world,
-                       join=True, start_method="forkserver")
+    mp.start_processes(_with_env, args=(fn, dict(os.environ), args), nprocs=nprocs, join=True,
+                       start_method="forkserver")
 
 
-def _entry(rank, fn, world, init_file, args, env):
+def _with_env(rank, fn, env, args):
     os.environ.clear()
     os.environ.update(env)
+    fn(rank, *args)
+
+
+def run_workers(fn, world: int, tmp_path, *args) -> None:
+    """Run fn(rank, world, *args) in `world` gloo processes (file:// rendezvous, 1 thread each; `spawn`)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spawn(_entry, (fn, world, str(tmp_path / "pg-init"), args), world)
+
+
+def _entry(rank, fn, world, init_file, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.parallel.helpers import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -146,10 +147,10 @@ def test_zero2_zero3_match_single_process_and_reshard_to_dp1(tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
     ref_losses, ref_weights = _reference(STEPS + 1)
     _, ref3 = _reference(STEPS)
-    mp.spawn(_train_dp2, args=(str(tmp_path), STAGES), nprocs=WORLD, join=True)
+    spawn(_train_dp2, (str(tmp_path), STAGES), WORLD)
     for stage in STAGES:
         _convert_and_check_dp2(tmp_path / f"zero{stage}", ref_losses, ref3)
-    mp.spawn(_resume_dp1, args=(str(tmp_path), STAGES), nprocs=1, join=True)
+    spawn(_resume_dp1, (str(tmp_path), STAGES), 1)
     for stage in STAGES:
         _check_dp1(tmp_path / f"zero{stage}", ref_losses, ref_weights)
 

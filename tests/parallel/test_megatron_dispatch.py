@@ -15,9 +15,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.parallel.helpers import batch_loss, rank_batch, reference_loss  # noqa: E402
+from tests.parallel.helpers import batch_loss, rank_batch, reference_loss, spawn  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -86,7 +85,7 @@ def _worker(rank, init_file):
 
 def test_megatron_dispatchers_match_single_process(tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+    spawn(_worker, (str(tmp_path / "init"),), WORLD)
 
 
 def test_routing_map_from_plan_expert_and_token_choice():

@@ -15,8 +15,8 @@ sys.path.insert(0, str(ROOT / "tests" / "train"))
 from test_app import BASE, _env, losses  # noqa: E402
 
 SHARD, SHARDS = 32, 8
-ARGS = [*BASE, "model.moe.num_experts=4", "optim.warmup_steps=20", "optim.lr=1e-4", "train.ckpt_every=6",
-        "parallel=fsdp"]
+ARGS = [*BASE, "train.wandb_mode=disabled", "model.moe.num_experts=4", "optim.warmup_steps=20", "optim.lr=1e-4",
+        "train.ckpt_every=6", "parallel=fsdp"]
 
 
 @pytest.fixture(scope="module")

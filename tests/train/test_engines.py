@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 from test_app import BASE, _env, shapes  # noqa: E402,F401
 
-ARGS = [*BASE, "train.steps=5", "optim.warmup_steps=3", "optim.lr=3e-4", "model.moe.num_experts=4"]
+ARGS = [*BASE, "train.wandb_mode=disabled", "train.steps=5", "optim.warmup_steps=3", "optim.lr=3e-4",
+        "model.moe.num_experts=4"]
 
 
 def _train(parallel: str, run_dir: Path, shapes_arg: str, procs: int = 1, extra: tuple = ()) -> str:

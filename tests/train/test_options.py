@@ -22,6 +22,8 @@ from test_app import BASE, _env, losses, shapes, train  # noqa: E402,F401
 from model.config import config_from_dict  # noqa: E402
 from model.dit import build_model  # noqa: E402
 
+BASE = [*BASE, "train.wandb_mode=disabled"]  # no test here reads the wandb files
+
 EMA_DECAY = 0.75  # not 0.5, so that swapping the EMA's two weights changes it
 ARGS = [*BASE, "train.ckpt_every=1", "train.keep_last=10", f"train.ema_decay={EMA_DECAY}", "optim.lr=1e-3",
         "optim.warmup_steps=0"]

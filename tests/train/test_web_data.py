@@ -11,6 +11,8 @@ from test_app import BASE, train  # noqa: E402
 
 from data.webshards import write_web_shards  # noqa: E402
 
+BASE = [*BASE, "train.wandb_mode=disabled"]  # no test here reads the wandb files
+
 
 def test_ten_percent_bad_trains_and_is_counted(tmp_path):
     pattern, truth = write_web_shards(str(tmp_path / "web"), 4, 80, size=32, bad_fraction=0.1, seed=3)
