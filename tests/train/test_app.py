@@ -125,7 +125,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
     assert json.loads((run_b / "status.json").read_text())["state"] == "finished"
 
 
-@pytest.mark.parametrize("override, world, message", [
+BAD_OVERRIDES = [
     ("model.moe.num_experts=3", "2", "model.moe.num_experts=3 must be divisible by parallel.ep=2"),
     ("model=ec-xl-9e", "2", "error: model=ec-xl-9e: In 'config': Could not find 'model/ec-xl-9e' (options: dense-3xl,"),
     ("model.num_experts=4", "2", "error: model.num_experts=4: Key 'num_experts' not in 'ModelSpec'"),
@@ -140,15 +140,33 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, shape
      "error: data.text_encoder_path='google/t5-v1_1-xxl' has no config.json and cannot be fetched (HF_HUB_OFFLINE=1)"),
     ("data.shards='/nonexistent/x-{0..3}.tar'", "2", "data.shards: 4 of 4 shards do not exist (first: /nonexistent/x-0.tar)"),
     (f"data.shards={ROOT / 'conf'}", "2", "is a directory: give the shard files as a brace pattern"),
-])
-def test_bad_overrides_fail_naming_the_field(tmp_path, override, world, message):
-    # WORLD_SIZE as a launcher would set it; validation happens before any process group exists.
-    proc = train(["parallel=fsdp_ep", *override.split(), f"train.run_dir={tmp_path}/run"],
-                 env=_env(WORLD_SIZE=world, RANK="0"), timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+]
+
+
+@pytest.fixture(scope="module")
+def bad_override_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """`python -m train parallel=fsdp_ep <override>` for every case of BAD_OVERRIDES, with WORLD_SIZE as a
+    launcher would set it; each forked from one process that paid the imports (tests/train/forked_runs.py)."""
+    root = tmp_path_factory.mktemp("bad_overrides")
+    cases = [{"args": ["parallel=fsdp_ep", *override.split(), f"train.run_dir={root}/{i}/run"],
+              "env": {"WORLD_SIZE": world, "RANK": "0"}} for i, (override, world, _) in enumerate(BAD_OVERRIDES)]
+    (root / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train" / "forked_runs.py"), str(root / "cases.json"),
+                           str(root / "runs.json")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, json.loads((root / "runs.json").read_text())
+
+
+@pytest.mark.parametrize("override, world, message", BAD_OVERRIDES)
+def test_bad_overrides_fail_naming_the_field(bad_override_runs, override, world, message):
+    # Validation happens before any process group exists.
+    root, runs = bad_override_runs
+    i = BAD_OVERRIDES.index((override, world, message))
+    proc = runs[i]
+    assert proc["returncode"] != 0
+    assert message in proc["stderr"], proc["stderr"][-2000:]
+    assert "Traceback" not in proc["stderr"]
+    assert not (root / str(i) / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("override, message", [
