@@ -212,6 +212,9 @@ def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[t
         (t.wandb_mode in ("offline", "online", "disabled"),
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
         (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
+        (not pcfg.activation_checkpointing or pcfg.engine == "fsdp",
+         "parallel.activation_checkpointing=true needs parallel.engine=fsdp (the DeepSpeed engine does not wrap "
+         "the blocks)"),
         (not t.compile or pcfg.engine == "fsdp",
          "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
         (not t.compile or pcfg.ep == 1,

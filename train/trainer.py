@@ -28,6 +28,7 @@ from model.flops import train_step_flops
 from model.flow import flow_loss
 from parallel.mesh import build_mesh
 from parallel.compile import compile_blocks
+from parallel.fsdp import apply_activation_checkpointing
 from parallel.parallelize import parallelize
 from parallel.replicas import diverged
 from parallel.routing_pool import install_routing_pool
@@ -289,16 +290,22 @@ def _build_parallel(mcfg, pcfg, tc, world, device) -> DiT:
     if tc.meta_init:
         with torch.device("meta"):
             model = DiT(mcfg)
-        if mesh is not None:
-            parallelize(model, mesh, pcfg, torch_compile=tc.compile)
+        _parallelize(model, mesh, pcfg, tc)
         model.to_empty(device=device)
         torch.manual_seed(tc.seed)
         model.init_weights()
         return model
     model = build_model(mcfg, device=device, seed=tc.seed)  # same weights on every rank
+    _parallelize(model, mesh, pcfg, tc)
+    return model
+
+
+def _parallelize(model: DiT, mesh, pcfg, tc) -> None:
+    """parallel/parallelize.py over `mesh`; in one process (no mesh) only the activation checkpointing."""
     if mesh is not None:
         parallelize(model, mesh, pcfg, torch_compile=tc.compile)
-    return model
+    elif pcfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
 
 
 def _frozen_encoders(dcfg, device, use_bf16: bool) -> FrozenEncoders | None:

@@ -1,6 +1,7 @@
-"""`parallel.activation_checkpointing=true` through the trainer's model builder (train/trainer.py `_build`,
-2 gloo processes, FSDP2 + expert parallelism): every block's forward runs again in backward, far fewer
-bytes are saved for backward, and the gradients and router thresholds are those of the run without it."""
+"""`parallel.activation_checkpointing=true` through the trainer's model builder (train/trainer.py `_build`;
+2 gloo processes with FSDP2 + expert parallelism, and one process): every block's forward runs again in
+backward, far fewer bytes are saved for backward, and the gradients and router thresholds are those of the
+run without it."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.parallel.helpers import batch_loss, rank_batch, run_workers
 
-pytestmark = pytest.mark.distributed
+
 
 
 def _step(rank, world, checkpointing: bool):
@@ -22,7 +23,8 @@ def _step(rank, world, checkpointing: bool):
     from train.trainer import _build
 
     cfg = get_preset("tiny-ec")
-    pcfg = ParallelConfig(ep=2, activation_checkpointing=checkpointing).resolved(world, cfg.moe.num_experts)
+    pcfg = ParallelConfig(ep=min(2, world), activation_checkpointing=checkpointing).resolved(world,
+                                                                                          cfg.moe.num_experts)
     model = _build(cfg, pcfg, TrainCfg(seed=0), world, torch.device("cpu"))
     blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
     assert len(blocks) == cfg.depth
@@ -59,5 +61,10 @@ def _compare(rank, world):
         torch.testing.assert_close(grads_ac[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_recomputes_blocks_and_saves_less(tmp_path):
     run_workers(_compare, 2, tmp_path)
+
+
+def test_activation_checkpointing_in_one_process_recomputes_blocks_and_saves_less():
+    _compare(0, 1)

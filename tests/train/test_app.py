@@ -191,6 +191,8 @@ def test_bad_overrides_fail_naming_the_field(bad_override_runs, override, world,
     ("train.stall_timeout_s=-1", "train.stall_timeout_s=-1.0 must be >= 0"),
     ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
     ("parallel.init_timeout_s=-5", "parallel.init_timeout_s=-5.0 must be > 0"),
+    ("parallel=deepspeed_zero2 parallel.activation_checkpointing=true",
+     "parallel.activation_checkpointing=true needs parallel.engine=fsdp"),
 ])
 def test_bad_values_are_one_config_error_naming_the_field(override, message):
     from model.config import ConfigError
