@@ -29,9 +29,10 @@ from pathlib import Path
 FAILURES = "failures.jsonl"
 
 
-def _status(run_dir: Path) -> dict:
+def read_status(run_dir: Path) -> dict:
+    """`run_dir/status.json` (train/trainer.py `write_status`), or {} when there is none or it cannot be read."""
     try:
-        return json.loads((run_dir / "status.json").read_text())
+        return json.loads((Path(run_dir) / "status.json").read_text())
     except (OSError, ValueError):
         return {}
 
@@ -45,7 +46,7 @@ def latest_checkpoint_step(run_dir: Path) -> int:
 
 def decide(run_dir: Path, srun_exit: int, max_failures: int, job: str = "") -> tuple[bool, str]:
     """(requeue?, the line that says why); records a failure in RUN_DIR/failures.jsonl."""
-    status = _status(run_dir)
+    status = read_status(run_dir)
     state = status.get("state")
     if state is None and srun_exit == 0:
         return False, "srun succeeded but the run wrote no status.json: not requeueing"

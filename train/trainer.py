@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from data import FrozenEncoders, TooManyBadSamples, make_loader
 from data.shards import BAD_REASONS, check_shard_list, saved_counts
+from launch.requeue import read_status
 from model.config import ConfigError, config_to_dict
 from model.dit import DiT, build_model
 from model.flops import train_step_flops
@@ -191,7 +192,6 @@ def _run(cfg: AppConfig, rank: int, run_dir: Path) -> dict:
     mcfg, pcfg = validate_app(cfg, world)  # before any process group
     check_shard_list(cfg.data, world)
     _refuse_repeated_failure(run_dir)
-    tc = cfg.train
     torch.set_num_threads(_threads(cfg))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -245,14 +245,6 @@ def _refuse_repeated_failure(run_dir: Path) -> None:
     if status.get("state") == "failed" and not status.get("retry", True):
         raise StopTraining(f"not retrying: the previous attempt failed with an error a restart repeats: "
                            f"{status.get('error')}")
-
-
-def read_status(run_dir: Path) -> dict:
-    """`run_dir/status.json`, or {} when there is none (or it cannot be read)."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def write_status(run_dir: Path, state: str, rank: int = 0, **fields) -> Path:
@@ -495,7 +487,9 @@ class Trainer:
         _log0(f"{self.mcfg.name}: {sum(getattr(p, 'ds_numel', p.numel()) for p in self.model.parameters())} params, {self.world} "
               f"ranks, ep {self.pcfg.ep}, engine {self.pcfg.engine}, {self.images_per_step} images/step, run dir "
               f"{self.run_dir}")
-        restarts = _restarts(self.world, self.device)
+        # Each node's agent counts only the restarts its own workers' failures caused: the most of them.
+        restarts = _over_ranks(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), dist.ReduceOp.MAX, self.world,
+                               self.device)
         if restarts:
             _log0(f"worker group restart {restarts} (torchrun --max-restarts): "
                   + (f"continuing from {resumed}" if resumed is not None else "no checkpoint yet, from the start"))
@@ -503,7 +497,8 @@ class Trainer:
         dry = 0
         if state.step < tc.steps:
             self.batches = StepBatches(self.loader, tc.grad_accum)
-            dry = _ranks_dry(self.batches.dry, self.world, self.device)  # a resumed stream may have ended
+            # A resumed stream may have ended: how many ranks have no data for a first step.
+            dry = _over_ranks(self.batches.dry, dist.ReduceOp.SUM, self.world, self.device)
         timeout_set = self.world == 1
         self.watchdog.start(state.step)
         while state.step < tc.steps and not dry:
@@ -570,21 +565,12 @@ class Trainer:
                                self.device)
 
 
-def _restarts(world: int, device: torch.device) -> int:
-    """How often torchrun has restarted this worker group: the most of the ranks' TORCHELASTIC_RESTART_COUNT
-    (each node's agent counts only the restarts its own workers' failures caused)."""
-    count = torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
+def _over_ranks(value: float, op, world: int, device: torch.device) -> int:
+    """`value` reduced with `op` (a dist.ReduceOp) over the ranks: one all-reduce."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     if world > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
-
-
-def _ranks_dry(dry: bool, world: int, device: torch.device) -> int:
-    """How many ranks have no data for the next step (one all-reduce)."""
-    flag = torch.tensor([float(dry)], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(flag)
-    return int(flag.item())
+        dist.all_reduce(t, op=op)
+    return int(t.item())
 
 
 def _check_replicas(net: torch.nn.Module) -> None:

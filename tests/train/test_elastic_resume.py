@@ -19,19 +19,24 @@ ARGS = [*BASE, "train.wandb_mode=disabled", "model.moe.num_experts=4", "optim.wa
         "train.ckpt_every=6", "parallel=fsdp"]
 
 
+def shapes_shards(tmp_path_factory, shard: int, shards: int) -> str:
+    """`data.shards=` of a generated shapes set of `shards` shards of `shard` samples."""
+    out = tmp_path_factory.mktemp(f"shapes{shards}")
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--num-samples", str(shard * shards),
+                    "--shard-size", str(shard)], cwd=ROOT, check=True, capture_output=True)
+    return f"data.shards='{out}/shapes-{{000000..{shards - 1:06d}}}.tar'"
+
+
+def remaining(states: list[dict], shard: int, shards: int) -> int:
+    """Samples of epoch 0 not yet delivered, from every rank's saved data state (shards of `shard` samples)."""
+    readers = [p["reader"] for s in states for p in s["data"]["workers"].values()]
+    work = merge_states(readers, shards, shuffle=True)
+    return sum(len(i.pending) + shard - min(i.upto, shard) for i in work.get(0, []))
+
+
 @pytest.fixture(scope="module")
 def shards8(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("shapes8")
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--num-samples", str(SHARD * SHARDS),
-                    "--shard-size", str(SHARD)], cwd=ROOT, check=True, capture_output=True)
-    return f"data.shards='{out}/shapes-{{000000..{SHARDS - 1:06d}}}.tar'"
-
-
-def _remaining(states: list[dict]) -> int:
-    """Samples of epoch 0 not yet delivered, from every rank's saved data state."""
-    readers = [p["reader"] for s in states for p in s["data"]["workers"].values()]
-    work = merge_states(readers, SHARDS, shuffle=True)
-    return sum(len(i.pending) + SHARD - min(i.upto, SHARD) for i in work.get(0, []))
+    return shapes_shards(tmp_path_factory, SHARD, SHARDS)
 
 
 @pytest.mark.distributed
@@ -49,7 +54,7 @@ def test_resume_at_another_world_size_continues_the_epoch(tmp_path, shards8):
     states = [json.loads(f.read_text()) for f in sorted((final / "train").glob("rank*.json"))]
     delivered = 6 * 4 * 2 + 6 * 4  # steps x batch x ranks, before and after the restart
     assert states[0]["samples_seen"] == delivered
-    assert SHARD * SHARDS - _remaining(states) == delivered  # each delivered sample a distinct one
+    assert SHARD * SHARDS - remaining(states, SHARD, SHARDS) == delivered  # each delivered sample a distinct one
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lr = {r["step"]: r["lr"] for r in rows}
     assert sorted(lr) == list(range(1, 13)) and sorted(losses(run)) == list(range(1, 13))

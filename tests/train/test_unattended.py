@@ -5,7 +5,6 @@ launch/requeue.py; an error a restart repeats is not retried by torchrun. Killed
 ranks under slurm are in tests/slurm/test_slurm.py."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from data.stream import merge_states
 from launch.requeue import FAILURES, decide
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 from test_app import BASE, _env  # noqa: E402
+from test_elastic_resume import remaining, shapes_shards  # noqa: E402
 
 SHARD, SHARDS = 32, 4  # 128 samples; batch 4
 ARGS = [*BASE, "model.moe.num_experts=4", "train.ckpt_every=100", "parallel=fsdp", "data.epochs=1",
@@ -27,10 +26,7 @@ ARGS = [*BASE, "model.moe.num_experts=4", "train.ckpt_every=100", "parallel=fsdp
 
 @pytest.fixture(scope="module")
 def shards4(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("shapes4")
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--num-samples", str(SHARD * SHARDS),
-                    "--shard-size", str(SHARD)], cwd=ROOT, check=True, capture_output=True)
-    return f"data.shards='{out}/shapes-{{000000..{SHARDS - 1:06d}}}.tar'"
+    return shapes_shards(tmp_path_factory, SHARD, SHARDS)
 
 
 def _train(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -38,13 +34,6 @@ def _train(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
                 if ranks > 1 else [sys.executable])
     return subprocess.run([*launcher, "-m", "train", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
-
-
-def _remaining(states: list[dict]) -> int:
-    """Samples of epoch 0 not yet delivered, from every rank's saved data state."""
-    readers = [p["reader"] for s in states for p in s["data"]["workers"].values()]
-    work = merge_states(readers, SHARDS, shuffle=True)
-    return sum(len(i.pending) + SHARD - min(i.upto, SHARD) for i in work.get(0, []))
 
 
 def _check_clean_end(proc, run: Path) -> dict:
@@ -59,7 +48,7 @@ def _check_clean_end(proc, run: Path) -> dict:
     final = sorted((run / "checkpoints").glob("step_*"))[-1]
     assert final.name == f"step_{status['step']:08d}"
     states = [json.loads(f.read_text()) for f in sorted((final / "train").glob("rank*.json"))]
-    left = _remaining(states)
+    left = remaining(states, SHARD, SHARDS)
     assert SHARD * SHARDS - left == status["samples_delivered"]  # each delivered sample a distinct one
     assert left == status["samples_unread"]
     assert not (run / "samples").exists()  # train.sample_prompts=[]: no sample grid
