@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     from data.config import DataConfig
     from data.encoders import FrozenEncoders
     from data.precompute import precompute
-    from data.shards import expand_shards, make_image_loader, make_latent_loader
+    from data.shardlist import expand_shards
+    from data.shards import make_image_loader, make_latent_loader
     from data.synthetic import write_shards
 
     import torch

@@ -46,12 +46,12 @@ from bench.common import environment, write_json  # noqa: E402
 from data import load_text_encoder, load_vae  # noqa: E402
 from data.synthetic import (LATER_SETTINGS, MIXES, caption_of, generate_sample, heldout_prompts,  # noqa: E402
                             read_mix, training_prompts, write_shards)
-from launch import extras  # noqa: E402
+from model import extras  # noqa: E402
 from model.config import DiTConfig  # noqa: E402
 from model.flops import sample_flops_per_image  # noqa: E402
 from model.flow import interpolate  # noqa: E402
 from model.routing import LoadMeter, routing_groups  # noqa: E402
-from train.checkpoint import complete_checkpoints  # noqa: E402
+from train.rundir import complete_checkpoints  # noqa: E402
 from train.evaluate import score_images  # noqa: E402
 from train.generate import decode, generate_latents, inference_routing, routing_maps  # noqa: E402
 from train.inference_model import DATA_KEYS, WEIGHTS, data_config, load_model  # noqa: E402

@@ -17,6 +17,8 @@ import json
 import os
 
 from data.config import DataConfig, data_shapes
+from data.jsonio import write_json_atomic
+from data.shardlist import expand_shards
 from model.config import ConfigError
 
 MANIFEST = "manifest.json"
@@ -29,8 +31,6 @@ class ManifestMismatch(ConfigError):
 
 def manifest_path(cfg: DataConfig) -> str | None:
     """manifest.json in the directory of the first local shard of `cfg.shards`, or None."""
-    from data.shards import expand_shards
-
     try:
         first = expand_shards(cfg.shards)[0]
     except ValueError:
@@ -52,11 +52,7 @@ def read_manifest(cfg: DataConfig) -> tuple[str, dict] | None:
 
 def write_manifest(out_dir: str, manifest: dict) -> str:
     """Write out_dir/manifest.json atomically (a temporary name, then a rename); returns its path."""
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    return str(write_json_atomic(os.path.join(out_dir, MANIFEST), manifest, indent=1))
 
 
 def _same(mine, theirs) -> bool:

@@ -43,7 +43,8 @@ import torch
 from data.config import DataConfig, data_shapes, text_dim
 from data.encoders import load_text_encoder, load_vae
 from data.manifest import write_manifest
-from data.shards import BadSample, SampleTally, check_bad_fraction, decode_image_sample, expand_shards, shard_samples
+from data.shardlist import expand_shards
+from data.shards import BadSample, SampleTally, check_bad_fraction, decode_image_sample, shard_samples
 
 LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

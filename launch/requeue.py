@@ -2,16 +2,17 @@
 
     python -m launch.requeue RUN_DIR --exit SRUN_STATUS [--max-failures 3] [--job ID]
 
-Exit 0: requeue the job; 1: let it end. What it reads: RUN_DIR/status.json (train/trainer.py
-`write_status`) and the complete checkpoints under RUN_DIR/checkpoints. What it decides:
+Exit 0: requeue the job; 1: let it end. What it reads, through the run directory's protocol
+(train/rundir.py): RUN_DIR/status.json and the whole checkpoints under RUN_DIR/checkpoints. What it decides:
 
 * `finished`: end (the last step is done, or the finite data stream ended).
 * `stopped` and srun succeeded: requeue (the warning signal: checkpoint saved, resume where it stopped).
 * `failed` with `retry: false` (a config error, non-finite losses, too many bad samples, a failure
   torchrun's restarts already repeated): end; a restart would meet it again.
 * Anything else (a killed or crashed process, a lost node, a stalled rank, a collective that timed out):
-  a failure, appended to RUN_DIR/failures.jsonl with the latest checkpoint's step. Requeue while the
-  failures in a row without a newer checkpoint number at most `max_failures`; then end. A failure costs
+  a failure, appended to RUN_DIR/failures.jsonl with the step of the newest whole checkpoint (a damaged
+  newer one is no progress). Requeue while the failures in a row without a newer whole checkpoint number at
+  most `max_failures`; then end. A failure costs
   the steps since the latest checkpoint (plus a restart), so a run making progress is requeued however
   often it fails, and one that fails at the same place every time stops after `max_failures` restarts.
 
@@ -21,27 +22,19 @@ No torch import: it runs in the batch shell after the trainers have exited.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-FAILURES = "failures.jsonl"
+from train.rundir import CHECKPOINTS, append_failure, newest_whole, read_status, step_of
 
 
-def read_status(run_dir: Path) -> dict:
-    """`run_dir/status.json` (train/trainer.py `write_status`), or {} when there is none or it cannot be read."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def latest_checkpoint_step(run_dir: Path) -> int:
-    """The step of the newest published checkpoint (a step_* directory with meta.json), 0 if none."""
-    steps = [int(p.parent.name[len("step_"):]) for p in (run_dir / "checkpoints").glob("step_*/meta.json")
-             if p.parent.name[len("step_"):].isdigit()]
-    return max(steps, default=0)
+def whole_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest whole checkpoint, 0 if none. Whole by its files' presence and sizes against
+    its meta.json: the checksums, which would read every byte of a large model's checkpoint in the batch
+    shell, are the resuming trainer's check."""
+    path = newest_whole(Path(run_dir) / CHECKPOINTS, checksums=False)
+    return step_of(path) if path is not None else 0
 
 
 def decide(run_dir: Path, srun_exit: int, max_failures: int, job: str = "") -> tuple[bool, str]:
@@ -61,12 +54,9 @@ def decide(run_dir: Path, srun_exit: int, max_failures: int, job: str = "") -> t
     failure = (status.get("error") if state == "failed" else
                f"srun exited {srun_exit} with no error recorded by the trainer (a process was killed, crashed "
                f"or lost its node: see the log above)")
-    step = latest_checkpoint_step(run_dir)
-    log = run_dir / FAILURES
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    rows.append({"time": time.time(), "job": job, "exit": srun_exit, "checkpoint_step": step, "failure": failure})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    step = whole_checkpoint_step(run_dir)
+    rows = append_failure(run_dir, {"time": time.time(), "job": job, "exit": srun_exit, "checkpoint_step": step,
+                                    "failure": failure})
     streak = 0
     for row in reversed(rows):
         if row["checkpoint_step"] != step:

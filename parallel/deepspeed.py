@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from launch.extras import require
+from model.extras import require
 from model.dit import DiT
 from model.moe import LocalDispatcher
 
@@ -249,7 +249,8 @@ def save(engine, ckpt_dir: str | Path, tag: str, ema: dict[str, torch.Tensor] | 
         UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={} if engine.has_moe_layers else info)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={} if engine.has_moe_layers else info,
+                           save_latest=False)  # the tag is given at every load
     _save_weights(engine.module, Path(ckpt_dir) / tag / WEIGHTS_DIR, ema)
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from launch.extras import require
+from model.extras import require
 from model.moe import GroupedExperts, LocalDispatcher
 from model.routing import RoutingPlan
 

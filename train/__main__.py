@@ -95,7 +95,8 @@ def main() -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from train.config import AppConfig
-        from train.trainer import CollectiveFailure, StopTraining, run
+        from train.failures import CollectiveFailure, StopTraining
+        from train.lifecycle import run
         try:
             app: AppConfig = OmegaConf.to_object(cfg)  # runs the dataclasses' own checks (e.g. DataConfig)
         except (ValueError, OmegaConfBaseException) as e:

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig, data_shapes
 from data.manifest import apply_manifest
-from launch import extras
+from model import extras
 from model.config import PRESETS, ConfigError, DiTConfig, get_preset
 from model.flow import FlowConfig
 from parallel.mesh import ParallelConfig

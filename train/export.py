@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from train.checkpoint import export_safetensors
+from train.weights import export_safetensors
 from train.cli import OneLineParser, add_checkpoint_args, add_encoder_args, run_cli
 from train.inference_model import check_compatible, data_config, load_model
 

@@ -161,3 +161,30 @@ def routing_maps(model: DiT, text_encoder: Callable, prompts: Sequence[str], lat
         out = net(x_t.to(p.device, p.dtype), torch.full((N,), float(t), device=p.device, dtype=p.dtype),
                   emb_BLD.to(p.device, p.dtype), mask_BL.to(p.device), collect_stats=True)
     return [s["expert_count"].cpu() for s in out.moe_stats]
+
+
+def training_samples(cfg, model, metrics, run_dir, rank, step, device) -> dict:
+    """Sample grid for the fixed prompts and the expert-count heatmap of the paper's Fig. 6 (every rank
+    computes, since the sharded model's forward is collective; rank 0 writes)."""
+    from data import load_text_encoder, load_vae
+
+    from .visualize import expert_heatmap_layers, image_grid, moe_layer_names, save_png
+    prompts = list(cfg.train.sample_prompts)
+    text = load_text_encoder(cfg.data, device)
+    latents = generate_latents(model, text, prompts, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
+                               seed=cfg.train.seed, batch_size=len(prompts), routing="sample")
+    images = decode(load_vae(cfg.data, device), latents)
+    maps = routing_maps(model, text, prompts, latents, t=0.5, seed=cfg.train.seed) if model.cfg.moe else []
+    if rank != 0:
+        return {}
+    out = {}
+    grid = image_grid(images, nrow=len(prompts), captions=prompts)
+    out["sample_grid"] = str(save_png(grid, run_dir / "samples" / f"grid_step{step:08d}.png"))
+    metrics.log_image("samples", grid, step, caption=" | ".join(prompts))
+    if maps:
+        heat = expert_heatmap_layers(maps, batch=len(prompts), grid=model.cfg.grid,
+                                     num_experts=model.cfg.moe.num_experts, images=images,
+                                     layer_names=moe_layer_names(model.cfg.num_moe_blocks, model.cfg.moe_every))
+        out["expert_heatmap"] = str(save_png(heat, run_dir / "samples" / f"experts_step{step:08d}.png"))
+        metrics.log_image("expert_heatmap", heat, step)
+    return out

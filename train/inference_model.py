@@ -1,6 +1,8 @@
 """The one way to get a trained model for inference: from a `step_*` checkpoint directory, a run's
 checkpoint root (its latest complete step) or a safetensors export folder, return the model, its run
 config and which weights were loaded; plus the encoder settings and checks that come with that run config.
+A step checkpoint is verified first (train/rundir.py: its files against the sizes and CRC-32s its meta.json
+records); nothing is loaded from a damaged one.
 
 A step directory's model is built from its config.json["model_resolved"] (the training app), or
 ["model"] when that is a full DiTConfig dict. Weights: "ema" (the default) takes the EMA of the parameters
@@ -21,7 +23,8 @@ import torch
 
 from model.config import ConfigError, DiTConfig, config_from_dict
 from model.dit import DiT, build_model
-from train.checkpoint import complete_checkpoints, exported_weights, load_exported, load_weights, saved_ema_names
+from train.rundir import META, complete_checkpoints, damage
+from train.weights import exported_weights, load_exported, load_weights, saved_ema_names
 from train.generate import SampleError
 
 WEIGHTS = ("ema", "raw")
@@ -41,13 +44,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
                           f"export folder")
     if (path / "model.safetensors").is_file():
         return "export", path
-    if (path / "meta.json").is_file():
-        return "step", path
-    steps = complete_checkpoints(path)
+    steps = [path] if (path / META).is_file() else complete_checkpoints(path)
     if steps:
-        return "step", steps[-1]
+        return "step", _whole(steps)
     raise SampleError(f"--checkpoint {path} holds no complete step_* checkpoint (with meta.json) and no "
                       f"model.safetensors export")
+
+
+def _whole(steps: list[Path]) -> Path:
+    """The newest of `steps` (oldest first), once verified; SampleError naming the damage otherwise."""
+    why = damage(steps[-1])
+    if why is None:
+        return steps[-1]
+    older = f": give an older step_* directory, e.g. {steps[-2]}" if len(steps) > 1 else ""
+    raise SampleError(f"checkpoint {steps[-1]} is damaged ({why}){older}")
 
 
 def pick_weights(kind: str, folder: Path, weights: str, log: Callable[[str], None] = print) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launch import extras
+from model import extras
 
 # Dense bf16 peak FLOP/s of known accelerators, for MFU (train.peak_tflops overrides).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}

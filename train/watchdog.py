@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .rundir import COMM_TRACE, stall_file
+
 STALL_EXIT_CODE = 4
 PROJECT_DIRS = ("train", "model", "parallel", "data", "launch")
 
@@ -33,7 +35,7 @@ def flight_recorder_env(run_dir: Path) -> dict[str, str]:
     """The NCCL flight recorder's settings: a trace buffer, a dump on timeout, into run_dir/comm_trace/
     (one file per rank; read with `python -m torch.distributed.flight_recorder.fr_trace`)."""
     return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir).resolve() / "comm_trace" / "rank_")}
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir).resolve() / COMM_TRACE / "rank_")}
 
 
 def set_collective_timeout(seconds: float) -> None:
@@ -75,7 +77,7 @@ def _short(path: str) -> str:
 
 def dump_stacks(run_dir: Path, rank: int, header: str) -> Path:
     """Write `header` and every thread's Python stack to run_dir/stalls/rankNNNNN.txt; its path."""
-    path = Path(run_dir) / "stalls" / f"rank{rank:05d}.txt"
+    path = stall_file(run_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(header.rstrip() + "\n\n")

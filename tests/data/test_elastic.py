@@ -13,7 +13,8 @@ import webdataset as wds
 
 import data.shards as shards
 from data.config import DataConfig
-from data.shards import TooManyBadSamples, check_shard_list, make_image_loader
+from data.shardlist import check_shard_list
+from data.shards import TooManyBadSamples, make_image_loader
 from data.stream import merge_states
 from data.synthetic import encode_sample
 from data.webshards import write_web_shards

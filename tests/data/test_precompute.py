@@ -11,7 +11,8 @@ from data import precompute
 from data.config import DataConfig
 from data.encoders import FrozenEncoders, load_text_encoder, load_vae
 from data.manifest import apply_manifest
-from data.shards import expand_shards, make_image_loader, make_latent_loader
+from data.shardlist import expand_shards
+from data.shards import make_image_loader, make_latent_loader
 from data.synthetic import generate_sample
 
 
@@ -60,7 +61,7 @@ def test_stored_text_embeddings_are_the_online_encoders_rounded_to_bf16(emb_run,
     """Each stored bf16 embedding is within half a bf16 ulp (relative 2^-8, plus 1e-6 for fp32 differences
     between batchings) of the fp32 embedding the trainer computes online for the same caption from the
     image shards (train/trainer.py `_frozen_encoders`)."""
-    from train.trainer import _frozen_encoders
+    from train.batches import frozen_encoders as _frozen_encoders
 
     cfg, s = emb_run
     image_cfg = cfg.replace(shards="::".join(_inputs(shapes_dir)), batch_size=7)  # other batches than precompute's

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch import extras
+from model import extras
 from model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def test_deepspeed_engine_without_deepspeed_names_the_extra():
     proc = run_without("deepspeed", "import parallel.deepspeed")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
-        "launch.extras.MissingExtra: parallel.engine=deepspeed needs DeepSpeed: pip install 'ecdit[deepspeed]'")
+        "model.extras.MissingExtra: parallel.engine=deepspeed needs DeepSpeed: pip install 'ecdit[deepspeed]'")
 
 
 def test_megatron_dispatcher_without_megatron_names_the_extra():
@@ -39,7 +39,7 @@ def test_megatron_dispatcher_without_megatron_names_the_extra():
             "MegatronDispatcher(SimpleNamespace(ndim=1), 'allgather')")
     proc = run_without("megatron", code)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == ("launch.extras.MissingExtra: parallel.dispatcher=megatron_allgather"
+    assert proc.stderr.strip().splitlines()[-1] == ("model.extras.MissingExtra: parallel.dispatcher=megatron_allgather"
                                                     " needs megatron-core: pip install 'ecdit[megatron]'")
 
 

@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from launch.extras import EXTRAS
+from model.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "parallel", "data", "train", "bench", "launch")
@@ -98,7 +98,7 @@ def test_wheel_extras_all_and_dev_cover_every_extra(wheel):
 
 def test_wheel_holds_the_packages(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for path in ("model/dit.py", "parallel/megatron_dispatch.py", "train/trainer.py", "launch/extras.py",
+    for path in ("model/dit.py", "parallel/megatron_dispatch.py", "train/trainer.py", "model/extras.py",
                  "data/synthetic.py", "bench/gpu_suite.py"):
         assert path in names, path
 

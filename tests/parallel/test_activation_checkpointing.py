@@ -20,7 +20,7 @@ def _step(rank, world, checkpointing: bool):
     from model.dit import DiTBlock
     from parallel.mesh import ParallelConfig
     from train.config import TrainCfg
-    from train.trainer import _build
+    from train.trainer import build_network as _build
 
     cfg = get_preset("tiny-ec")
     pcfg = ParallelConfig(ep=min(2, world), activation_checkpointing=checkpointing).resolved(world,

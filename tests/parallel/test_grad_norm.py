@@ -39,7 +39,7 @@ def _setup(world, mode):
 
 
 def _norm_and_clip(rank, world, mode):
-    from train.trainer import clip_grad_norm_
+    from parallel.distributed import clip_grad_norm_
 
     model, ref, cfg = _setup(world, mode)
     batch_loss(model, rank_batch(cfg, rank))[0].backward()
@@ -65,7 +65,7 @@ def test_sharded_grad_norm_equals_one_process(tmp_path, mode):
 
 
 def _ddp_steps(rank, world, steps):
-    from train.trainer import clip_grad_norm_
+    from parallel.distributed import clip_grad_norm_
 
     model, ref, cfg = _setup(world, "ddp")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

@@ -14,7 +14,7 @@ import traceback
 import hydra  # noqa: F401
 import torch  # noqa: F401
 
-import train.trainer  # noqa: F401
+import train.lifecycle  # noqa: F401
 
 
 def _exit_code(e: SystemExit) -> int:

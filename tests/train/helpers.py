@@ -35,7 +35,8 @@ def save_tiny_checkpoints(root: Path) -> Path:
     group under "model" and the full DiTConfig under "model_resolved") and a safetensors export in
     root/export (step 2's weights)."""
     from model.config import config_to_dict
-    from train.checkpoint import Checkpointer, export_safetensors
+    from train.checkpoint import Checkpointer
+    from train.weights import export_safetensors
 
     model, cfg = tiny_model("tiny-ec", dtype=torch.float32, text_dim=384, in_channels=3, text_len=8)
     plain_cfg = {"model": config_to_dict(cfg), "data": TINY_DATA}

@@ -235,7 +235,7 @@ def test_train_compile_compiles_every_block_of_the_built_model():
     import torch
 
     from train.config import AppConfig, validate_app
-    from train.trainer import _build
+    from train.trainer import build_network as _build
     cfg = AppConfig()
     cfg.model.depth = 2
     cfg.train.compile = True

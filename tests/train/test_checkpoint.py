@@ -61,7 +61,8 @@ def _full_params(model):
 
 
 def _save_worker(rank, world, root):
-    from train.checkpoint import Checkpointer, capture_rng, export_safetensors
+    from train.checkpoint import Checkpointer, capture_rng
+    from train.weights import export_safetensors
     model, cfg, opt = _model_and_opt(0, world, ep=2)
     for step in range(2):
         _global_step(model, opt, cfg, rank, world, step)
@@ -120,7 +121,7 @@ def test_save_at_2_ranks_load_at_1_2_and_4_ranks(tmp_path):
     run_workers(_load_worker, 2, tmp_path / "w2", str(tmp_path), 2)
     run_workers(_load_worker, 4, tmp_path / "w4", str(tmp_path), 4)  # EP 4: one expert per rank
     # The consolidated safetensors export of the sharded model loads back in one process.
-    from train.checkpoint import load_exported
+    from train.weights import load_exported
     model = load_exported(tmp_path / "export")
     weights = load_file(f"{tmp_path}/weights.safetensors")
     for name, p in model.named_parameters():

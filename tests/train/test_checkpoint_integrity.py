@@ -55,7 +55,8 @@ def _truncate_half(file: Path) -> tuple[int, int]:
 
 @pytest.mark.distributed
 def test_meta_records_every_file_with_its_size_and_crc(straight):
-    from train.checkpoint import checkpoint_files, verify
+    from train.checkpoint import verify
+    from train.rundir import checkpoint_files
     for step in (4, 8, 12):
         ckpt = straight / "checkpoints" / f"step_{step:08d}"
         files = json.loads((ckpt / "meta.json").read_text())["files"]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from data.config import DataConfig
 from data.encoders import load_text_encoder, load_vae
 from tests.model.helpers import tiny_batch, tiny_model
-from train.checkpoint import export_safetensors
+from train.weights import export_safetensors
 from train.export import main as export_main
 from train.generate import generate, generate_latents
 from train.inference_model import load_model

@@ -23,7 +23,7 @@ def id_latents(tmp_path_factory) -> str:
     from data import precompute
     from data.config import DataConfig
     from data.encoders import save_random_t5
-    from data.shards import expand_shards
+    from data.shardlist import expand_shards
     from data.synthetic import generate_sample, write_shards
 
     root = tmp_path_factory.mktemp("idlat")
@@ -78,7 +78,7 @@ def test_online_encoders_follow_the_data_and_the_autocast_dtype():
     import torch
 
     from data.config import DataConfig
-    from train.trainer import _frozen_encoders
+    from train.batches import frozen_encoders as _frozen_encoders
 
     assert _frozen_encoders(DataConfig(kind="latent", text_storage="emb"), "cpu", use_bf16=True) is None
     ids = _frozen_encoders(DataConfig(kind="latent", text_storage="ids"), "cpu", use_bf16=True)

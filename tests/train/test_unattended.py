@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.requeue import FAILURES, decide
+from launch.requeue import decide
+from train.rundir import FAILURES
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "train"))

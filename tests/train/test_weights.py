@@ -17,7 +17,8 @@ from model.dit import build_model
 from tests.model.helpers import tiny_model
 from tests.train.helpers import TINY_DATA, save_tiny_checkpoints
 from train import evaluate, export
-from train.checkpoint import Checkpointer, exported_weights
+from train.checkpoint import Checkpointer
+from train.weights import exported_weights
 from train.cli import slug
 from train.generate import SampleError, generate
 from train.inference_model import data_config, load_model

@@ -3,6 +3,7 @@
     require("deepspeed", "parallel.engine=deepspeed")   # MissingExtra unless DeepSpeed is importable
     check(app_cfg)                                      # the same for every extra a config needs
 
+Beside model/config.py's ConfigError, which a missing extra is, so that every folder can refuse alike.
 `pip install ecdit` is the core (model, shapes data, FSDP / expert-parallel training, sampling, export);
 `pip install 'ecdit[deepspeed]'` and so on add the rest; `ecdit[all]` is every extra, `ecdit[dev]` all
 of them and the test tools. Slurm needs no Python package (launch/slurm/ runs sbatch / srun).
@@ -47,7 +48,8 @@ def require(extra: str, feature: str) -> None:
 
 
 def needed(cfg) -> list[tuple[str, str]]:
-    """(extra, feature) for every extra that an `AppConfig` (train/config.py) cannot run without. Not wandb:
+    """(extra, feature) for every extra that a training config (train/config.py AppConfig:
+    its `parallel` fields) cannot run without. Not wandb:
     without it train/metrics.py says so in one line and writes metrics.jsonl only."""
     p = cfg.parallel
     out = []

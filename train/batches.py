@@ -1,0 +1,98 @@
+"""The data side of the loop: the frozen encoders the data needs online, each step's micro-batches fetched
+one step ahead, so that the end of a finite stream is agreed in the step's all-reduce, and the counts of good
+and bad samples the metrics report."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from data import FrozenEncoders, TooManyBadSamples
+from data.shards import BAD_REASONS, saved_counts
+
+from .failures import StopTraining
+
+
+def frozen_encoders(dcfg, device: torch.device, use_bf16: bool) -> FrozenEncoders | None:
+    """The encoders the data needs online, in the run's autocast dtype (encoder_dtype=auto): text + VAE for
+    image shards, the text encoder for latent shards with token ids (text_storage ids, or unknown)."""
+    if dcfg.kind == "latent" and dcfg.text_storage == "emb":
+        return None
+    if dcfg.encoder_dtype == "auto":
+        dcfg = dcfg.replace(encoder_dtype="bf16" if use_bf16 else "fp32")
+    return FrozenEncoders(dcfg, device, vae=dcfg.kind == "image")
+
+
+class StepBatches:
+    """The micro-batches of each optimizer step, fetched one step ahead: a rank whose finite stream has
+    ended says so in the step's all-reduce (parallel/distributed.py reduce_step), so every rank stops after
+    the same step instead of one rank leaving a collective the others wait in. `data_state` is the loader's
+    position after the batches handed out by `take` (what a checkpoint records), not after the ones fetched
+    ahead."""
+
+    def __init__(self, loader, accum: int):
+        self.loader, self.accum = loader, accum
+        self.batches = iter(loader)
+        self.data_state = loader.state_dict()
+        self.ahead: list = []
+        self.out_of_data = False  # the stream ended before a whole step's micro-batches
+        self.fetch()
+
+    def fetch(self) -> None:
+        """Fetch the next step's micro-batches (`out_of_data` when the stream ends first)."""
+        self.ahead = []
+        for _ in range(self.accum):
+            try:
+                self.ahead.append(next(self.batches))
+            except StopIteration:
+                self.out_of_data = True
+                return
+            except TooManyBadSamples as e:
+                raise StopTraining(str(e)) from e
+
+    def take(self) -> list:
+        """The fetched micro-batches of this step (the loader's position moves past them)."""
+        batches, self.ahead = self.ahead, []
+        self.data_state = self.loader.state_dict()
+        return batches
+
+    def unread(self) -> int:
+        """Good samples of this rank's stream that no step trained on: fetched ahead, in a last partial batch
+        (data.drop_last), or not yet read (read now, without the loader's transform, to count them)."""
+        self.loader.transform = None
+        for _ in self.batches:
+            pass
+        return self.loader.stats()["good"] - saved_counts(self.data_state)["good"]
+
+
+def exhausted(batches: StepBatches, world: int, device: torch.device) -> dict:
+    """At the end of a finite stream (collective): samples delivered by all ranks over every run of this
+    stream, those no step trained on (left by the ranks that still had data when the first ran dry, or in a
+    last partial batch)."""
+    counts = torch.tensor([saved_counts(batches.data_state)["good"], batches.unread()], dtype=torch.float64,
+                          device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    delivered, unread = (int(v) for v in counts.tolist())
+    return {"samples_delivered": delivered, "samples_unread": unread}
+
+
+def data_counts(loader, device: torch.device) -> torch.Tensor:
+    """This rank's good and bad (by reason, BAD_REASONS order) samples read so far."""
+    stats = loader.stats()
+    return torch.tensor([stats["good"]] + [stats["bad"].get(r, 0) for r in BAD_REASONS], dtype=torch.float64,
+                        device=device)
+
+
+def named_counts(values: list[float]) -> dict:
+    """All ranks' `data_counts` as {"data/good": n, "data/bad/<reason>": n}."""
+    values = [int(v) for v in values]
+    return {"data/good": values[0], **{f"data/bad/{r}": v for r, v in zip(BAD_REASONS, values[1:])}}
+
+
+def data_totals(loader, world: int, device: torch.device) -> dict:
+    """Good and bad (by reason) samples read so far by all ranks (collective)."""
+    counts = data_counts(loader, device)
+    if world > 1:
+        dist.all_reduce(counts)
+    return named_counts(counts.tolist())
