@@ -4,6 +4,7 @@ the identity `pixel` VAE). Eval mode, no grads, bf16 on a bf16-capable GPU, fp32
     text = load_text_encoder(cfg, device)   # text(captions) -> emb [B, L, Dt] (zeros at padding), mask [B, L]
     vae = load_vae(cfg, device)             # vae.encode(images [B,3,H,W] in [-1,1]) -> latents [B,C,H/f,W/f]
     enc = FrozenEncoders(cfg, device)       # batch transform for the loaders: adds "latent" and "text_emb"
+    enc = online_encoders(cfg, device, use_bf16)  # the ones a loader of cfg.kind needs online (or None)
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ class FrozenEncoders:
             batch["text_emb"] = self.text.encode(batch["text_ids"], batch["text_mask"])
             batch["text_mask"] = batch["text_mask"].to(self.device)
         return batch
+
+
+def online_encoders(dcfg: DataConfig, device, use_bf16: bool) -> FrozenEncoders | None:
+    """The encoders the data needs online, in the run's autocast dtype (encoder_dtype=auto): text + VAE for
+    image shards, the text encoder for latent shards with token ids (text_storage ids, or unknown)."""
+    if dcfg.kind == "latent" and dcfg.text_storage == "emb":
+        return None
+    if dcfg.encoder_dtype == "auto":
+        dcfg = dcfg.replace(encoder_dtype="bf16" if use_bf16 else "fp32")
+    return FrozenEncoders(dcfg, device, vae=dcfg.kind == "image")
 
 
 def save_random_t5(out: str, captions, d_model: int = 64, layers: int = 2, seed: int = 0) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,9 +76,9 @@ def last_update_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
 
 
 class TorchBackend:
-    def __init__(self, model, opt, sched, ema: dict | None, ckpt: Checkpointer, clip):
+    def __init__(self, model, opt, sched, ema: dict | None, ckpt: Checkpointer, grad_clip: float | None):
         self.net, self.opt, self.sched, self.ema, self.ckpt = model, opt, sched, ema, ckpt
-        self._clip = clip  # () -> the global gradient norm (a tensor), gradients clipped
+        self.grad_clip = grad_clip or 0.0  # optim.grad_clip (0: measure the norm only)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -96,7 +97,7 @@ class TorchBackend:
 
     def clip_grads(self) -> torch.Tensor:
         """Clip the accumulated (data-parallel reduced) gradients; their global norm, not read."""
-        return self._clip()
+        return clip_grad_norm_(self.net.parameters(), self.grad_clip)
 
     def apply(self, ema_decay: float) -> None:
         self.opt.step()
@@ -127,17 +128,6 @@ class TorchBackend:
 
     def wait(self) -> None:
         self.ckpt.wait()
-
-
-def deepspeed_config(cfg, pcfg, precision_bf16: bool) -> dict:
-    """Our Hydra config -> DeepSpeed's JSON config (ZeRO stage, micro batch, accumulation, AdamW,
-    clipping, bf16). The LR schedule is not in it: DeepSpeedBackend hands DeepSpeed `lr_schedule`."""
-    from parallel.deepspeed import ds_config
-    o = cfg.optim
-    conf = ds_config(stage=pcfg.zero_stage, micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
-                     lr=o.lr, bf16=precision_bf16, grad_clip=o.grad_clip or None, weight_decay=o.weight_decay,
-                     betas=tuple(o.betas), eps=o.eps)
-    return conf
 
 
 class DeepSpeedStorage:
@@ -207,20 +197,25 @@ class DeepSpeedBackend:
 
 
 def make_backend(cfg, model: torch.nn.Module, pcfg, device: torch.device, use_bf16: bool, root: Path):
-    """(backend, autocast context) of parallel.engine for a parallelized `model`, checkpointing under `root`."""
-    tc = cfg.train
-    if pcfg.engine == "deepspeed":
-        backend = DeepSpeedBackend(model, deepspeed_config(cfg, pcfg, use_bf16), root, tc.keep_last,
-                                   schedule=lambda opt: lr_schedule(opt, cfg.optim, tc.steps), ema=tc.ema_decay > 0)
-        return backend, nullcontext()  # DeepSpeed casts the module itself (bf16 config)
-    opt = make_optimizer(model, cfg.optim)
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
-    backend = TorchBackend(model, opt, lr_schedule(opt, cfg.optim, tc.steps), ema,
-                           Checkpointer(root, keep_last=tc.keep_last, async_save=tc.async_ckpt),
-                           lambda: clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    return backend, autocast
+    """(backend, autocast context) of parallel.engine for a parallelized `model`, checkpointing under `root`.
+    DeepSpeed's JSON config comes from ours (ZeRO stage, micro batch, accumulation, AdamW, clipping, bf16);
+    its LR schedule is this module's `lr_schedule`, handed over as a scheduler."""
+    tc, o = cfg.train, cfg.optim
+    if pcfg.engine == "fsdp":
+        opt = make_optimizer(model, o)
+        ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema_decay > 0 else None
+        backend = TorchBackend(model, opt, lr_schedule(opt, o, tc.steps), ema,
+                               Checkpointer(root, keep_last=tc.keep_last, async_save=tc.async_ckpt), o.grad_clip)
+        return backend, torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    from parallel.deepspeed import ds_config
+    schedule = partial(lr_schedule, cfg=o, total_steps=tc.steps)
+    # DeepSpeed casts the module itself (bf16 config): no autocast
+    return DeepSpeedBackend(model, ds_config(stage=pcfg.zero_stage, micro_batch=cfg.data.batch_size,
+                                             grad_accum=tc.grad_accum, lr=o.lr, bf16=use_bf16,
+                                             grad_clip=o.grad_clip or None, weight_decay=o.weight_decay,
+                                             betas=tuple(o.betas), eps=o.eps),
+                            root, tc.keep_last, schedule=schedule, ema=tc.ema_decay > 0), nullcontext()
 
 
-__all__ = ["TorchBackend", "DeepSpeedBackend", "DeepSpeedStorage", "deepspeed_config", "ema_update", "make_backend",
+__all__ = ["TorchBackend", "DeepSpeedBackend", "DeepSpeedStorage", "ema_update", "make_backend",
            "make_optimizer"]

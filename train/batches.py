@@ -1,26 +1,15 @@
-"""The data side of the loop: the frozen encoders the data needs online, each step's micro-batches fetched
-one step ahead, so that the end of a finite stream is agreed in the step's all-reduce, and the counts of good
-and bad samples the metrics report."""
+"""The data side of the loop: each step's micro-batches fetched one step ahead, so that the end of a finite
+stream is agreed in the step's all-reduce, and the counts of good and bad samples the metrics report."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from data import FrozenEncoders, TooManyBadSamples
+from data import TooManyBadSamples
 from data.shards import BAD_REASONS, saved_counts
 
 from .failures import StopTraining
-
-
-def frozen_encoders(dcfg, device: torch.device, use_bf16: bool) -> FrozenEncoders | None:
-    """The encoders the data needs online, in the run's autocast dtype (encoder_dtype=auto): text + VAE for
-    image shards, the text encoder for latent shards with token ids (text_storage ids, or unknown)."""
-    if dcfg.kind == "latent" and dcfg.text_storage == "emb":
-        return None
-    if dcfg.encoder_dtype == "auto":
-        dcfg = dcfg.replace(encoder_dtype="bf16" if use_bf16 else "fp32")
-    return FrozenEncoders(dcfg, device, vae=dcfg.kind == "image")
 
 
 class StepBatches:

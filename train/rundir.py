@@ -88,13 +88,11 @@ def read_failures(run_dir: str | Path) -> list[dict]:
 
 
 def append_failure(run_dir: str | Path, row: dict) -> list[dict]:
-    """Add one failed attempt to `run_dir/failures.jsonl` (rewritten atomically); every row, oldest first."""
-    rows = [*read_failures(run_dir), row]
+    """Append one failed attempt to `run_dir/failures.jsonl` (one line, one write); every row, oldest first."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(run_dir) / f"{FAILURES}.tmp{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, Path(run_dir) / FAILURES)
-    return rows
+    with open(Path(run_dir) / FAILURES, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return read_failures(run_dir)
 
 
 # ---- file records: what makes a checkpoint whole -------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data import make_loader
+from data.encoders import online_encoders
 from model.dit import DiT
 from model.flops import train_step_flops
 from model.flow import flow_loss
@@ -25,7 +26,7 @@ from parallel.parallelize import build_parallel
 from parallel.replicas import diverged
 
 from .backends import make_backend
-from .batches import StepBatches, data_counts, data_totals, exhausted, frozen_encoders, named_counts
+from .batches import StepBatches, data_counts, data_totals, exhausted, named_counts
 from .checkpoint import capture_rng, decode_state, encode_state, restore_rng, saved_train_states
 from .config import AppConfig
 from .failures import StopTraining
@@ -56,27 +57,27 @@ class Trainer:
         self.cfg, self.mcfg, self.pcfg, self.tc = cfg, mcfg, pcfg, cfg.train
         self.world, self.rank, self.device, self.run_dir = world, rank, device, Path(cfg.train.run_dir)
         self.config_dict, self.signals = config_dict, signals
-        self.model = build_network(mcfg, pcfg, self.tc, world, device)  # what sampling and replica checks use
         self.use_bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and device.type == "cuda")
+        self.images_per_step = cfg.data.batch_size * world * self.tc.grad_accum
+        self.model = build_network(mcfg, pcfg, self.tc, world, device)  # what sampling and replica checks use
+        self.flops = train_step_flops(mcfg, self.images_per_step, text_len=mcfg.text_len)
+        self.metrics = Metrics(self.run_dir, config_dict, enabled=rank == 0, wandb_mode=self.tc.wandb_mode,
+                               project=self.tc.wandb_project, name=self.tc.name)
+        self.peak = device_peak_flops(device, self.tc.peak_tflops)
+        self.progress = Progress(self.tc.steps, 0)
+        self.watchdog = StepWatchdog(self.tc.stall_timeout_s, self.run_dir, rank)
+        self.state = TrainState()
+        self.first_loss = self.last_loss = None
+        self.batches: StepBatches | None = None
         self.backend, self.autocast = make_backend(cfg, self.model, pcfg, device, self.use_bf16,
                                                    self.run_dir / CHECKPOINTS)
         self.loader = make_loader(cfg.data, rank=rank, world_size=world,
-                                  transform=frozen_encoders(cfg.data, device, self.use_bf16))
-        self.metrics = Metrics(self.run_dir, config_dict, enabled=rank == 0, wandb_mode=self.tc.wandb_mode,
-                               project=self.tc.wandb_project, name=self.tc.name)
-        self.state = TrainState()
+                                  transform=online_encoders(cfg.data, device, self.use_bf16))
         torch.manual_seed(self.tc.seed * 1_000_003 + rank)
         # The loss's own RNG (noise, timesteps, MaskDiT masks, text dropout): a dedicated generator, so
         # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
         # Ranks draw differently.
         self.flow_gen = torch.Generator(device=device).manual_seed(self.tc.seed * 1_000_003 + rank)
-        self.images_per_step = cfg.data.batch_size * world * self.tc.grad_accum
-        self.flops = train_step_flops(mcfg, self.images_per_step, text_len=mcfg.text_len)
-        self.peak = device_peak_flops(device, self.tc.peak_tflops)
-        self.progress = Progress(self.tc.steps, 0)
-        self.first_loss = self.last_loss = None
-        self.batches: StepBatches | None = None
-        self.watchdog = StepWatchdog(self.tc.stall_timeout_s, self.run_dir, rank)
 
     def resume(self) -> Path | None:
         """Load train.resume (auto: the newest whole checkpoint, train/checkpoint.py resume_point); the
@@ -198,13 +199,13 @@ class Trainer:
         tc = self.tc
         last_saved = self.state.step if self._start() is not None else -1
         state = self.state
+        self.watchdog.start(state.step)
         ranks_out_of_data = 0
         if state.step < tc.steps:
             self.batches = StepBatches(self.loader, tc.grad_accum)
             # A resumed stream may have ended: how many ranks have no data for a first step.
             ranks_out_of_data = over_ranks(self.batches.out_of_data, dist.ReduceOp.SUM, self.world, self.device)
         timeout_set = self.world == 1
-        self.watchdog.start(state.step)
         while state.step < tc.steps and not ranks_out_of_data:
             stop, ranks_out_of_data = self.train_step(self.batches)
             if not timeout_set:  # start-up is over: the training timeout from here on

@@ -60,8 +60,8 @@ def test_round_trip_pixel_vae_and_t5_embeddings(emb_run, tiny_t5):
 def test_stored_text_embeddings_are_the_online_encoders_rounded_to_bf16(emb_run, shapes_dir):
     """Each stored bf16 embedding is within half a bf16 ulp (relative 2^-8, plus 1e-6 for fp32 differences
     between batchings) of the fp32 embedding the trainer computes online for the same caption from the
-    image shards (train/trainer.py `_frozen_encoders`)."""
-    from train.batches import frozen_encoders as _frozen_encoders
+    image shards (data/encoders.py `online_encoders`)."""
+    from data.encoders import online_encoders as _frozen_encoders
 
     cfg, s = emb_run
     image_cfg = cfg.replace(shards="::".join(_inputs(shapes_dir)), batch_size=7)  # other batches than precompute's

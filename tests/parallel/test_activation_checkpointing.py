@@ -1,4 +1,4 @@
-"""`parallel.activation_checkpointing=true` through the trainer's model builder (train/trainer.py `_build`;
+"""`parallel.activation_checkpointing=true` through the trainer's model builder (train/trainer.py `build_network`;
 2 gloo processes with FSDP2 + expert parallelism, and one process): every block's forward runs again in
 backward, far fewer bytes are saved for backward, and the gradients and router thresholds are those of the
 run without it."""

@@ -1,4 +1,4 @@
-"""The global gradient norm and clipping of train/trainer.py on 2 gloo processes (FSDP2, FSDP2 + expert
+"""The global gradient norm and clipping of parallel/distributed.py on 2 gloo processes (FSDP2, FSDP2 + expert
 parallelism, plain data parallelism through DDP) equal one process on the same global batch."""
 
 import copy

@@ -210,3 +210,30 @@ def test_deepspeed_engine_records_its_files(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run_workers(_deepspeed_worker, 2, tmp_path / "pg", str(tmp_path / "ckpt"))
+
+
+@pytest.mark.distributed
+def test_inference_loads_only_a_whole_checkpoint(straight, tmp_path):
+    """train.sample, train.evaluate and train.export load through train/inference_model.py load_model: a
+    damaged step is refused with the damage named (given itself, or as the newest under a checkpoint root),
+    and the CLI says so in one line; the same checkpoint loads once it is whole again."""
+    from train.generate import SampleError
+    from train.inference_model import load_model
+    root = tmp_path / "checkpoints"
+    for step in (8, 12):
+        _copy(straight / "checkpoints" / f"step_{step:08d}", root)
+    newest = root / "step_00000012"
+    original = (newest / "__1_0.distcp").read_bytes()
+    why = _damage(newest, "truncate")
+    for given in (newest, root):
+        with pytest.raises(SampleError, match=f"^checkpoint {newest} is damaged \\({why}\\)"):
+            load_model(given, weights="raw", log=lambda _: None)
+    proc = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(root), "--out",
+                           str(tmp_path / "export")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and why in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert f"e.g. {root / 'step_00000008'}" in proc.stderr
+    assert not (tmp_path / "export").exists()
+    (newest / "__1_0.distcp").write_bytes(original)
+    model, _, folder, _ = load_model(root, weights="raw", log=lambda _: None)
+    assert folder == newest and model.cfg.depth > 0

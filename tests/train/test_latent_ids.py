@@ -78,7 +78,7 @@ def test_online_encoders_follow_the_data_and_the_autocast_dtype():
     import torch
 
     from data.config import DataConfig
-    from train.batches import frozen_encoders as _frozen_encoders
+    from data.encoders import online_encoders as _frozen_encoders
 
     assert _frozen_encoders(DataConfig(kind="latent", text_storage="emb"), "cpu", use_bf16=True) is None
     ids = _frozen_encoders(DataConfig(kind="latent", text_storage="ids"), "cpu", use_bf16=True)

@@ -135,6 +135,28 @@ def test_requeue_decisions(tmp_path):
     assert [r["checkpoint_step"] for r in rows] == [4, 4, 8, 8, 8] and rows[0]["job"] == "9"
 
 
+def test_requeue_progress_counts_whole_checkpoints_only(tmp_path):
+    """A newer checkpoint whose files do not match its meta.json (a truncated or missing file) is no progress:
+    the failure streak goes on from the newest whole one."""
+    run = tmp_path / "run"
+    _checkpoint(run, 4)
+    assert decide(run, 137, 1)[0] is True
+    damaged = run / "checkpoints" / "step_00000008"
+    damaged.mkdir(parents=True)
+    (damaged / "shard.bin").write_bytes(b"x" * 10)
+    (damaged / "meta.json").write_text(json.dumps({"files": {"shard.bin": [20, 0]}}))
+    requeue, line = decide(run, 137, 1)
+    assert not requeue and line.startswith("giving up: 2 failures in a row with no checkpoint after step 4")
+    (damaged / "shard.bin").write_bytes(b"x" * 20)  # whole by size: the batch shell does not hash
+    assert decide(run, 137, 1)[1].startswith("failure 1 of at most 1 in a row since the checkpoint of step 8")
+
+
+def test_requeue_imports_no_torch():
+    code = "import sys, launch.requeue; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_torchrun_restart_does_not_repeat_an_error_a_restart_repeats(tmp_path, shards4):
     """A restarted worker (TORCHELASTIC_RESTART_COUNT > 0) whose previous attempt failed with a
     non-retryable error stops at once with one line, before building anything."""
