@@ -43,22 +43,26 @@ class StepTotals:
     ranks_nonfinite: int  # ranks whose loss was non-finite
     ranks_stopping: int  # ranks asked to stop by a signal
     ranks_out_of_data: int  # ranks whose finite stream has no batches for another step
-    extra: list[float]  # the sums of the `extra` values, in their order
+    summed: list[float]  # the sums of the `summed` values over the ranks, in their order
+    local: list[float]  # this rank's `local` values, as given
 
 
 def reduce_step(grad_norm: torch.Tensor, loss_sum: torch.Tensor, stop: bool, out_of_data: bool,
-                extra: torch.Tensor, world: int) -> StepTotals:
-    """The step's one all-reduce (float64, so that counts stay exact) and its one host sync: whether to
-    update and whether to stop are host branches that every rank must take alike."""
+                summed: torch.Tensor, local: torch.Tensor, world: int) -> StepTotals:
+    """The step's one all-reduce (float64, so that counts stay exact) and its one host sync, which also
+    reads `local` (this rank's values, not reduced): whether to update and whether to stop are host
+    branches that every rank must take alike."""
     dev = loss_sum.device
     flags = torch.cat([torch.stack([loss_sum.detach().double(), (~torch.isfinite(loss_sum)).double(),
                                     torch.tensor(float(stop), dtype=torch.float64, device=dev),
                                     torch.tensor(float(out_of_data), dtype=torch.float64, device=dev)]),
-                       extra.to(dev, torch.float64)])
+                       summed.to(dev, torch.float64)])
     if world > 1:
         dist.all_reduce(flags)
-    values = torch.cat([grad_norm.reshape(1).to(flags), flags]).tolist()
-    return StepTotals(values[0], values[1], int(values[2]), int(values[3]), int(values[4]), values[5:])
+    values = torch.cat([grad_norm.reshape(1).to(flags), flags, local.to(flags)]).tolist()
+    n = 5 + summed.numel()
+    return StepTotals(values[0], values[1], int(values[2]), int(values[3]), int(values[4]), values[5:n],
+                      values[n:])
 
 
 def over_ranks(value: float, op, world: int, device: torch.device) -> int:

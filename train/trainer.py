@@ -142,8 +142,8 @@ class Trainer:
         moe_names, moe_values = moe_scalar_tensors(stats) if logging_step else ([], torch.zeros(0))
         counts = data_counts(self.loader, self.device) if logging_step else torch.zeros(0)
         grad_norm = backend.clip_grads()  # clipped even if a loss was non-finite: the update is skipped below
-        totals = reduce_step(grad_norm, loss_sum, self.signals.received is not None, batches.out_of_data,
-                             torch.cat([counts, moe_values.to(counts)]), self.world)
+        totals = reduce_step(grad_norm, loss_sum, self.signals.received is not None, batches.out_of_data, counts,
+                             moe_values, self.world)  # the data counts summed over the ranks, the MoE scalars rank 0's
         state.step += 1
         state.samples_seen += self.images_per_step
         if totals.ranks_nonfinite > 0:
@@ -154,8 +154,7 @@ class Trainer:
         self.first_loss = totals.loss_sum / self.world if self.first_loss is None else self.first_loss
         self.last_loss = totals.loss_sum / self.world
         if logging_step:
-            n = counts.numel()
-            self._log(totals.grad_norm, {**named_counts(totals.extra[:n]), **dict(zip(moe_names, totals.extra[n:]))})
+            self._log(totals.grad_norm, {**named_counts(totals.summed), **dict(zip(moe_names, totals.local))})
         return totals.ranks_stopping > 0, totals.ranks_out_of_data
 
     def _skip_update(self) -> None:

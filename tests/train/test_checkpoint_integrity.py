@@ -237,3 +237,17 @@ def test_inference_loads_only_a_whole_checkpoint(straight, tmp_path):
     (newest / "__1_0.distcp").write_bytes(original)
     model, _, folder, _ = load_model(root, weights="raw", log=lambda _: None)
     assert folder == newest and model.cfg.depth > 0
+
+
+@pytest.mark.distributed
+def test_logged_step_figures_reduce_as_documented(straight):
+    """parallel/distributed.py reduce_step: the data counts are summed over the 2 ranks (every sample read so
+    far, by both), the MoE scalars are rank 0's own (each layer's expert loads are fractions of its slots)."""
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    per_step = rows[1]["data/good"] - rows[0]["data/good"]
+    assert per_step == rows[0]["samples_seen"] and rows[-1]["data/good"] >= rows[-1]["samples_seen"]
+    for r in rows:
+        loads = [v for k, v in r.items() if k.startswith("moe/layer0/load/")]
+        assert loads and abs(sum(loads) - 1) < 1e-6, (r["step"], sum(loads))
