@@ -11,6 +11,7 @@ starts with the field's dotted path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -163,6 +164,9 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
     `ConfigError` naming the field. Latent data: cfg.data takes the settings of the shards' manifest.json
     (data/manifest.py) in place."""
     extras.check(cfg)  # an optional dependency the config needs (DeepSpeed, megatron-core) is installed
+    bad = non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{bad[0]}={bad[1]} must be a finite number")
     cfg.data.validate()
     if cfg.data.kind == "latent":
         cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json
@@ -173,6 +177,21 @@ def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelCo
         if not ok:
             raise ConfigError(msg)
     return mcfg, pcfg
+
+
+def non_finite(cfg, prefix: str = "") -> tuple[str, object] | None:
+    """(dotted name, value) of the first float field of a config tree (dataclasses; floats in lists and
+    tuples too) that is NaN or infinite, or None: a NaN passes every comparison check unnoticed."""
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found = non_finite(value, name + ".")
+            if found:
+                return found
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return name, list(value) if isinstance(value, (list, tuple)) else value
+    return None
 
 
 def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[tuple[bool, str]]:

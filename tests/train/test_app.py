@@ -136,6 +136,7 @@ BAD_OVERRIDES = [
     ("parallel.ep=3", "2", "parallel.ep=3 must divide parallel.dp_shard=2"),
     ("parallel.fsdp=false", "2", "parallel.ep=2 needs parallel.fsdp=true"),
     ("data.batch_size=0", "2", "error: data.batch_size=0 must be a positive integer"),
+    ("flow.t_mean=nan", "2", "error: flow.t_mean=nan must be a finite number"),
     ("data.text_encoder=t5 data.text_encoder_path=google/t5-v1_1-xxl", "2",
      "error: data.text_encoder_path='google/t5-v1_1-xxl' has no config.json and cannot be fetched (HF_HUB_OFFLINE=1)"),
     ("data.shards='/nonexistent/x-{0..3}.tar'", "2", "data.shards: 4 of 4 shards do not exist (first: /nonexistent/x-0.tar)"),
@@ -290,3 +291,39 @@ def test_deepspeed_launcher_zero2_trains_and_resumes_exactly(tmp_path, shapes):
     resumed = launch(tmp_path / "b", 4)
     assert "resumed from" in resumed.stdout
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def _float_fields(cfg, prefix=""):
+    """Dotted names of every float field of a config tree, and of those holding a tuple or list of floats."""
+    import dataclasses
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", None
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+            yield f"{prefix}{f.name}", len(value)
+
+
+def test_every_float_field_refuses_nan_and_inf():
+    """Each float of the config tree (found from the dataclasses, so that a new field is covered as it comes),
+    set to nan, inf or -inf, is one ConfigError naming the field, before anything is built (through
+    `python -m train`: BAD_OVERRIDES' flow.t_mean=nan)."""
+    import copy
+    import functools
+
+    from model.config import ConfigError
+    from train.config import compose_app, validate_app
+    base = compose_app(["experiment=cpu_small"])
+    fields = list(_float_fields(base))
+    assert {"flow.t_mean", "optim.lr", "model.moe.capacity_factor", "parallel.timeout_s", "optim.betas"} <= \
+        {name for name, _ in fields}
+    for name, length in fields:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            cfg = copy.deepcopy(base)
+            *parents, leaf = name.split(".")
+            owner = functools.reduce(getattr, parents, cfg)
+            setattr(owner, leaf, [bad] * length if length else bad)
+            with pytest.raises(ConfigError, match=f"^{name}=.*must be a finite number$"):
+                validate_app(cfg, 2)
