@@ -66,16 +66,21 @@ def build_parallel(mcfg: DiTConfig, cfg: ParallelConfig, world: int, device: tor
     initialised: on the meta device, wrapped, then `to_empty` and `init_weights` under `seed` (`meta_init`,
     not with DeepSpeed, which needs the full weights first), or built with its weights (the same on every
     rank) and then wrapped."""
+    on_meta = meta_init and cfg.engine != "deepspeed"
     mesh = build_mesh(cfg, world, device.type) if world > 1 else None
-    if not meta_init or cfg.engine == "deepspeed":
-        return parallelize(build_model(mcfg, device=device, seed=seed), mesh, cfg, torch_compile)
-    with torch.device("meta"):
-        model = DiT(mcfg)
-    parallelize(model, mesh, cfg, torch_compile)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights()
+    model = parallelize(_unwrapped(mcfg, device, seed, on_meta), mesh, cfg, torch_compile)
+    if on_meta:  # nothing was allocated before this
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
     return model
+
+
+def _unwrapped(mcfg: DiTConfig, device: torch.device, seed: int, on_meta: bool) -> DiT:
+    if not on_meta:
+        return build_model(mcfg, device=device, seed=seed)
+    with torch.device("meta"):
+        return DiT(mcfg)
 
 
 __all__ = ["build_parallel", "make_dispatcher_factory", "parallelize"]
