@@ -1,8 +1,14 @@
 """EC-DiT as a diffusers model and pipeline (written by `python -m train.export --format diffusers`).
 
-    from train.diffusers_pipeline import ECDiTPipeline
-    pipe = ECDiTPipeline.from_pretrained("export-diffusers/")
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("export-diffusers/", trust_remote_code=True)
     image = pipe("a red circle", num_inference_steps=20, guidance_scale=4.0, seed=0).images[0]
+
+This module is the source of the folder's code files: train/diffusers_code.py generates
+`pipeline_ecdit.py` (ECDiTPipeline) and `transformer/modeling_ecdit.py` (ECDiTTransformer2DModel) from
+its classes and what they use of model/ and train/, so that stock diffusers loads the folder without this
+repository. In this repository `ECDiTPipeline.from_pretrained(folder)` loads the folder with these classes
+instead (no code of the folder is run), and `save_pretrained` writes the same layout as the export.
 
 `ECDiTTransformer2DModel` (ModelMixin + ConfigMixin) holds our `model.dit.DiT`, built from the DiTConfig
 dict in its config: every router (expert choice, token choice, DiffMoE, dense), the routers' dynamic
@@ -11,10 +17,12 @@ VAE (none for the identity `pixel` VAE) and diffusers' `FlowMatchEulerDiscreteSc
 train.sample does: per-prompt noise seeded with (seed, i), CFG with the learned null text, Euler steps
 on the shifted schedule t_i = shift * s_i / (1 + (shift - 1) * s_i), s = linspace(1, 0, steps + 1), and
 the MoE inference routing of train/generate.py. Imports torch, diffusers and the model package only.
+The transformer keeps its routers (weights, thresholds) in fp32 when loaded with a `torch_dtype`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -29,11 +37,19 @@ from model.config import config_from_dict, config_to_dict
 from model.dit import DiT
 from model.flow import cfg_velocity
 from model.routing import InferenceRouting, LoadMeter
+from train.diffusers_code import generate
 from train.generate import SampleError, _check_group_size, inference_routing, prompt_noise
 from train.visualize import to_uint8
 
 # Version of the folder layout and configs written here; a folder of another version is refused.
-EXPORT_VERSION = 1
+# 2: diffusers' custom-code layout (the code files below, named in model_index.json).
+EXPORT_VERSION = 2
+# The folder's code files: diffusers' module names (the pipeline's at the folder root, the transformer's in
+# transformer/), as model_index.json names them.
+PIPELINE_MODULE, MODELING_MODULE = "pipeline_ecdit", "modeling_ecdit"
+# Submodules (by attribute name) whose parameters and buffers stay fp32 under from_pretrained's torch_dtype:
+# the routers decide discrete choices (their thresholds are compared with fp32 scores).
+FP32_MODULES = ("router",)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # FlowMatchEulerDiscreteScheduler options that would leave our schedule (model/flow.py timesteps).
 SCHEDULER_OFF = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
@@ -64,27 +80,39 @@ class ECDiTTransformer2DModel(ModelMixin, ConfigMixin):
     `weights` says which weights were exported ("ema" or "raw")."""
 
     @register_to_config
-    def __init__(self, dit_config: dict | None = None, weights: str = "raw", export_version: int | None = None):
+    def __init__(self, dit_config: dict | None = None, weights: str = "raw", export_version: int | None = None,
+                 auto_map: dict | None = None):
         super().__init__()
         check_export_version(export_version, "transformer config")
         if not isinstance(dit_config, dict):
             raise ValueError("transformer config: dit_config must be the model's DiTConfig dict")
         self.dit = DiT(config_from_dict(dit_config))
+        # read by diffusers' .to() warning and dtype look-up; from_pretrained below does the keeping (diffusers'
+        # own class-level _keep_in_fp32_modules would make loading without accelerate fail)
+        self._keep_in_fp32_modules = list(FP32_MODULES)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        _check_folder_version(Path(pretrained_model_name_or_path) / kwargs.get("subfolder", ""), "config.json")
+        """diffusers' from_pretrained; with `torch_dtype`, every floating tensor is cast to it except those of
+        FP32_MODULES (the routers), which are fp32."""
+        _check_folder_version(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""), "config.json")
+        dtype = kwargs.pop("torch_dtype", None)
         model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        keep = set(FP32_MODULES)
         with torch.no_grad():  # own storage per tensor: diffusers may leave unaligned views of the file's
-            for t in [*model.parameters(), *model.buffers()]:  # buffer, which changes CPU matmul rounding
-                t.data = t.data.clone()
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:  # buffer (CPU matmul rounding)
+                if dtype is None or not t.is_floating_point():
+                    t.data = t.data.clone()
+                else:
+                    t.data = t.data.to(torch.float32 if keep & set(name.split(".")) else dtype, copy=True)
         return model
 
     @classmethod
     def from_dit(cls, model: DiT, weights: str = "raw") -> "ECDiTTransformer2DModel":
         """Wrap a built DiT (its parameters are shared, not copied)."""
         with torch.device("meta"):
-            wrapper = cls(dit_config=config_to_dict(model.cfg), weights=weights, export_version=EXPORT_VERSION)
+            wrapper = cls(dit_config=config_to_dict(model.cfg), weights=weights, export_version=EXPORT_VERSION,
+                          auto_map={"AutoModel": f"{MODELING_MODULE}.ECDiTTransformer2DModel"})
         wrapper.dit = model
         return wrapper
 
@@ -120,10 +148,40 @@ class ECDiTPipeline(DiffusionPipeline):
         self.register_to_config(max_text_len=max_text_len or transformer.dit.cfg.text_len,
                                 export_version=export_version)
 
+    # ---- in this repository (left out of the generated code) -------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        _check_folder_version(pretrained_model_name_or_path, "model_index.json")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **components):
+        """Load a local export folder with this module's classes (its code files are not run): the
+        transformer with `torch_dtype` (routers fp32), the text encoder and VAE with `torch_dtype`, the
+        tokenizer and scheduler as saved. `components` (transformer=, vae=, ...) replace the folder's."""
+        folder = Path(pretrained_model_name_or_path)
+        _check_folder_version(folder, "model_index.json")
+        index = json.loads((folder / "model_index.json").read_text())
+        parts = {}
+        for name in ("transformer", "scheduler", "text_encoder", "tokenizer", "vae"):
+            if name in components:
+                parts[name] = components.pop(name)
+                continue
+            library, class_name = index.get(name) or (None, None)
+            if class_name is None:
+                parts[name] = None
+            elif name == "transformer":
+                parts[name] = ECDiTTransformer2DModel.from_pretrained(folder / name, torch_dtype=torch_dtype)
+            else:
+                kw = {} if torch_dtype is None or name in ("scheduler", "tokenizer") else (
+                    {"dtype": torch_dtype} if library == "transformers" else {"torch_dtype": torch_dtype})
+                parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(folder / name, **kw)
+        if components:
+            raise TypeError(f"ECDiTPipeline.from_pretrained: unknown arguments {sorted(components)}")
+        pipe = cls(**parts, max_text_len=index.get("max_text_len"), export_version=index.get("export_version"))
+        pipe.register_to_config(_name_or_path=str(folder))
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' save_pretrained, in the export's layout: the generated code files, and model_index.json
+        naming them (stock diffusers loads the folder with trust_remote_code=True)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_code_files(save_directory)
 
     # ---- pieces ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -239,3 +297,44 @@ class ECDiTPipeline(DiffusionPipeline):
                 images = ((images_NCHW + 1) / 2).permute(0, 2, 3, 1).numpy()
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+# ---- the folder's code files ------------------------------------------------------------------------
+
+# Methods that only make sense in this repository: left out of the generated code.
+REPOSITORY_ONLY = ("ECDiTPipeline.from_pretrained", "ECDiTPipeline.save_pretrained")
+_HEADER = ("{what}: generated by train/diffusers_code.py of the EC-DiT repository from its\n{source}.\n\n"
+           "Do not edit: export the checkpoint again with `python -m train.export --format diffusers`. Needs torch,\n"
+           "diffusers and transformers (numpy and Pillow come with them); diffusers loads it with\n"
+           "`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.\n")
+
+
+def _sources(part: str) -> str:
+    if part == "pipeline":
+        return "train/diffusers_pipeline.py, train/generate.py, train/visualize.py and model/"
+    return "train/diffusers_pipeline.py and model/"
+
+
+def code_files() -> dict[str, str]:
+    """{path in the export folder: source} of the self-contained code files diffusers loads."""
+    me = __name__
+    return {
+        f"{PIPELINE_MODULE}.py": generate([(me, "ECDiTPipeline"), ("model.routing", "LoadMeter")],
+                                          drop=set(REPOSITORY_ONLY),
+                                          doc=_HEADER.format(what="ECDiTPipeline", source=_sources("pipeline"))),
+        f"transformer/{MODELING_MODULE}.py": generate(
+            [(me, "ECDiTTransformer2DModel")], drop=set(REPOSITORY_ONLY),
+            doc=_HEADER.format(what="ECDiTTransformer2DModel", source=_sources("transformer"))),
+    }
+
+
+def write_code_files(folder) -> None:
+    """Write the code files into a saved pipeline folder and point model_index.json at them."""
+    folder = Path(folder)
+    for rel, code in code_files().items():
+        (folder / rel).write_text(code)
+    f = folder / "model_index.json"
+    index = json.loads(f.read_text())
+    index["_class_name"] = [PIPELINE_MODULE, "ECDiTPipeline"]
+    index["transformer"] = [MODELING_MODULE, "ECDiTTransformer2DModel"]
+    f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

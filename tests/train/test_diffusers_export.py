@@ -3,7 +3,9 @@ draws the image train.sample draws (same prompt, seed, steps, guidance, shift, r
 [-1, 1], bitwise in practice) for expert choice (per-sample, dynamic, token groups, batch), token choice
 (per-sample, dynamic), DiffMoE (per-sample, dynamic) and dense, through a KL VAE with per-channel latent
 statistics and the identity pixel VAE; export -> load -> export gives the same tensors; a folder of another
-export version is refused with one line."""
+export version is refused with one line. Stock diffusers (`DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)` in a Python where this repository cannot be imported) draws the same images from the
+folder's generated code files."""
 
 import json
 import os
@@ -172,10 +174,10 @@ def test_export_load_export_gives_the_same_tensors(exports, pipes, tmp_path):
     assert any(k.endswith("threshold_E") for k in plain)
 
 
-@pytest.mark.parametrize("file,version", [("model_index.json", 0), ("transformer/config.json", 0),
-                                          ("model_index.json", None)])
+@pytest.mark.parametrize("file,version", [("model_index.json", 0), ("model_index.json", 1),
+                                          ("transformer/config.json", 1), ("model_index.json", None)])
 def test_other_export_version_is_refused_with_one_line(exports, tmp_path, file, version):
-    from train.diffusers_pipeline import ECDiTPipeline, ECDiTTransformer2DModel, ExportVersionError
+    from train.diffusers_pipeline import EXPORT_VERSION, ECDiTPipeline, ECDiTTransformer2DModel, ExportVersionError
 
     dx = tmp_path / "old"
     shutil.copytree(exports["tiny-dense"]["dx"], dx)
@@ -188,7 +190,7 @@ def test_other_export_version_is_refused_with_one_line(exports, tmp_path, file, 
     with pytest.raises(ExportVersionError) as err:
         ECDiTPipeline.from_pretrained(str(dx))
     msg = str(err.value)
-    assert "\n" not in msg and f"export_version {version} (this code reads export_version 1)" in msg
+    assert "\n" not in msg and f"export_version {version} (this code reads export_version {EXPORT_VERSION})" in msg
     if file.startswith("transformer"):
         with pytest.raises(ExportVersionError, match=f"export_version {version} "):
             ECDiTTransformer2DModel.from_pretrained(str(dx), subfolder="transformer")
@@ -227,3 +229,118 @@ print(size, sorted({{m.split(".")[0] for m in sys.modules}} & set(stack)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "(8, 8) []"
+
+
+# ---- stock diffusers: the folder's generated code, without this repository -------------------------------
+
+STOCK = """
+import json, os, sys
+repo = sys.argv[1]
+for name in ("train", "model", "data", "parallel", "bench", "launch"):
+    sys.modules[name] = None  # this repository's packages cannot be imported
+sys.path = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != repo]
+import torch
+from diffusers import AutoModel, DiffusionPipeline
+
+cases = json.loads(sys.argv[2])
+out = {}
+for key, (folder, call) in cases.items():
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert not type(pipe).__module__.startswith(("train", "model")), type(pipe).__module__
+    out[key] = pipe(**call, output_type="pt").images
+folder = cases["tiny-ec-sample"][0]
+tr = AutoModel.from_pretrained(os.path.join(folder, "transformer"), trust_remote_code=True, torch_dtype=torch.bfloat16)
+out["dtypes"] = sorted({(("router" in n.split(".")), str(t.dtype)) for n, t in tr.state_dict().items()
+                        if t.is_floating_point()})
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.bfloat16)
+out["bf16_finite"] = bool(pipe("a red circle", num_inference_steps=2, output_type="latent").images.isfinite().all())
+try:
+    DiffusionPipeline.from_pretrained(sys.argv[3], trust_remote_code=True)
+except Exception as e:
+    out["old"] = f"{type(e).__name__}: {e}"
+out["modules"] = sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+                        & {"train", "model", "data", "parallel", "bench", "launch", "hydra", "omegaconf", "wandb"})
+torch.save(out, sys.argv[4])
+"""
+
+
+def test_stock_diffusers_loads_the_folder_without_this_repository(exports, tmp_path):
+    """The export's layout (pipeline_ecdit.py, transformer/modeling_ecdit.py named in model_index.json, a
+    model card), loaded in a subprocess where none of this repository's packages import: every variant and
+    routing mode draws train.sample's image; torch_dtype=bfloat16 keeps the routers fp32; an export of the
+    previous version is refused with one line."""
+    from train.diffusers_pipeline import EXPORT_VERSION, code_files
+
+    dx = exports["tiny-ec"]["dx"]
+    index = json.loads((dx / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_ecdit", "ECDiTPipeline"]
+    assert index["transformer"] == ["modeling_ecdit", "ECDiTTransformer2DModel"]
+    for rel, code in code_files().items():  # generated from this repository's source as it is now
+        assert (dx / rel).read_text() == code
+    card = (dx / "README.md").read_text()
+    assert "library_name: diffusers" in card and "tiny-ec" in card and "trust_remote_code=True" in card
+    old = tmp_path / "old"
+    shutil.copytree(exports["tiny-dense"]["dx"], old)
+    conf = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps({**conf, "export_version": EXPORT_VERSION - 1}))
+
+    cases = {f"{name}-{'-'.join(map(str, kw.values())) or 'dense'}": (name, kw) for name, kw in CASES}
+    calls = {key: (str(exports[name]["dx"]), {
+        "prompt": PROMPTS, "num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "seed": SEED,
+        "routing": kw.get("routing", "sample"), "dynamic_multiplier": kw.get("multiplier"),
+        "group_size": kw.get("group_size"), "batch_size": kw.get("batch_size", 8), "shift": kw.get("shift")})
+        for key, (name, kw) in cases.items()}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    r = subprocess.run([sys.executable, "-c", STOCK, str(ROOT), json.dumps(calls), str(old), str(tmp_path / "out.pt")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    for key, (name, kw) in cases.items():
+        ref = _reference(exports[name], PROMPTS, **kw)
+        torch.testing.assert_close(out[key] * 2 - 1, ref, rtol=0, atol=ATOL, msg=key)
+    assert out["dtypes"] == [(False, "torch.bfloat16"), (True, "torch.float32")]
+    assert out["bf16_finite"]
+    assert out["old"].startswith("ExportVersionError: ") and "\n" not in out["old"]
+    assert f"export_version {EXPORT_VERSION - 1} (this code reads export_version {EXPORT_VERSION})" in out["old"]
+    assert out["modules"] == []
+
+
+def test_generated_code_refuses_what_is_not_self_contained():
+    from train.diffusers_code import CodegenError, check_self_contained
+
+    check_self_contained("import torch\n\ndef f(x):\n    return torch.relu(x) + len(x)\n")
+    for code, why in [("def f(x):\n    return g(x)\n", "no definition of g"),
+                      ("from model.dit import DiT\n", "imports model.dit"),
+                      ("from .modeling import X\n", "imports .modeling")]:
+        with pytest.raises(CodegenError, match=why):
+            check_self_contained(code)
+
+
+def test_generator_refuses_collisions_and_imports_it_cannot_inline(tmp_path, monkeypatch):
+    import train.diffusers_code as dc
+
+    pkg = tmp_path / "zzpkg"
+    pkg.mkdir()
+    files = {"__init__.py": "", "a.py": "def f():\n    return 1\n", "b.py": "def f():\n    return 2\n\n\ndef k():\n    return f()\n",
+             "c.py": "from zzpkg.a import f\nfrom zzpkg.b import k\n\n\ndef h():\n    return f() + k()\n",
+             "d.py": "def h():\n    from zzpkg.a import f\n    return f()\n",
+             "e.py": "from zzpkg.a import f as g\n\n\ndef h():\n    return g()\n",
+             "ok.py": "import math\n\nfrom zzpkg.b import k\n\n\nclass C:\n    def m(self):\n        return k()\n\n"
+                      "    def gone(self):\n        return undefined_name\n"}
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(dc, "PROJECT", dc.PROJECT + ("zzpkg",))
+    for module, why in [("zzpkg.c", "`f` is defined in both zzpkg.a and zzpkg.b"), ("zzpkg.d", "inside its body"),
+                        ("zzpkg.e", "aliased project import")]:
+        with pytest.raises(dc.CodegenError, match=why):
+            dc.generate([(module, "h")])
+    with pytest.raises(dc.CodegenError, match="no definition of undefined_name"):
+        dc.generate([("zzpkg.ok", "C")])
+    with pytest.raises(dc.CodegenError, match="not found"):
+        dc.generate([("zzpkg.ok", "C")], drop={"C.missing"})
+    code = dc.generate([("zzpkg.ok", "C")], drop={"C.gone"})
+    ns = {}
+    exec(code, ns)
+    assert ns["C"]().m() == 2 and "import math" not in code and "zzpkg" not in code.split("# ----", 1)[0]
