@@ -7,7 +7,8 @@ classes of train/diffusers_pipeline.py: the top-level definitions they need (cla
 followed through the project's imports into model/ and train/, are copied in dependency order (modules that
 others import first, source order within a module), the project imports dropped, the external imports
 (torch, diffusers, numpy, PIL, stdlib) kept. Methods named in `drop` (the in-repository loaders) are left
-out. Names in annotations are not followed (`from __future__ import annotations` keeps them strings).
+out. Names in annotations are not followed into the project (`from __future__ import annotations` keeps
+them strings); their external imports are kept, so that `typing.get_type_hints` resolves what it can.
 
 Every way this could go wrong fails here, at export, with a CodegenError naming the cause: a name defined
 by two inlined modules, an aliased or module-level project import, a project import inside an inlined
@@ -39,6 +40,7 @@ class _Stmt:
     node: ast.stmt
     defines: set[str]
     refs: set[str]
+    ann: set[str]  # names read in annotations only
     lines: tuple[int, int]  # first and last source line (1-based, decorators included)
     cut: list[tuple[int, int]] = field(default_factory=list)  # line ranges of dropped methods
 
@@ -70,17 +72,27 @@ def _span(node: ast.stmt) -> tuple[int, int]:
     return first, node.end_lineno
 
 
-def _refs(node: ast.AST) -> set[str]:
-    """Names read in `node`, annotations left out."""
+def _refs(node: ast.AST) -> tuple[set[str], set[str]]:
+    """(names read in `node` outside annotations, names read in its annotations)."""
     out: set[str] = set()
+    ann: set[str] = set()
+
+    def annotation(a: ast.AST | None) -> None:
+        if a is not None:
+            ann.update(n.id for n in ast.walk(a) if isinstance(n, ast.Name))
 
     def visit(n: ast.AST) -> None:
         if isinstance(n, ast.Name):
             out.add(n.id)
             return
         if isinstance(n, ast.arg):
-            return  # its annotation is a string
+            annotation(n.annotation)  # a string at run time
+            return
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotation(n.returns)
+            a = n.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                annotation(getattr(arg, "annotation", None))
             for d in n.decorator_list:
                 visit(d)
             for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None]:
@@ -89,6 +101,7 @@ def _refs(node: ast.AST) -> set[str]:
                 visit(s)
             return
         if isinstance(n, ast.AnnAssign):
+            annotation(n.annotation)
             visit(n.target)
             if n.value is not None:
                 visit(n.value)
@@ -97,7 +110,7 @@ def _refs(node: ast.AST) -> set[str]:
             visit(c)
 
     visit(node)
-    return out
+    return out, ann - out
 
 
 def _defines(node: ast.stmt) -> set[str]:
@@ -159,7 +172,7 @@ def _parse(module: str, drop: set[str]) -> _Module:
                     node.body.remove(m)
                     cut.append(_span(m))
                     drop.discard(f"{node.name}.{m.name}")
-        mod.stmts.append(_Stmt(module, i, node, _defines(node), _refs(node), _span(node), cut))
+        mod.stmts.append(_Stmt(module, i, node, _defines(node), *_refs(node), _span(node), cut))
     return mod
 
 
@@ -224,6 +237,7 @@ def generate(roots: list[tuple[str, str]], drop: set[str] = frozenset(), doc: st
                                    f"inside its body ({bad[0]}); import at the top of the module")
             included[(m, s.index)] = s
             todo.extend((m, r) for r in sorted(s.refs))
+            todo.extend((m, r) for r in sorted(s.ann) if r in mod.external)
 
     owner: dict[str, str] = {}
     for s in included.values():

@@ -129,7 +129,7 @@ class ECDiTTransformer2DModel(ModelMixin, ConfigMixin):
 class ECDiTPipeline(DiffusionPipeline):
     """Text-to-image with an EC-DiT: text encoder -> transformer (CFG, Euler steps of the scheduler) -> VAE.
 
-    `vae` None is the identity `pixel` VAE (latents are the images in [-1, 1]); an AutoencoderKL is
+    `transformer` is an ECDiTTransformer2DModel; `vae` None is the identity `pixel` VAE (latents are the images in [-1, 1]); an AutoencoderKL is
     used as train.sample uses it (latents_mean / latents_std per channel, else shift_factor, and
     scaling_factor; fp32 when its config says force_upcast). `max_text_len` is the tokenizer's padded
     length of the training run.
@@ -138,7 +138,7 @@ class ECDiTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, transformer: ECDiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+    def __init__(self, transformer: ModelMixin, scheduler: FlowMatchEulerDiscreteScheduler,
                  text_encoder, tokenizer, vae=None, max_text_len: int | None = None,
                  export_version: int | None = None):
         super().__init__()

@@ -80,9 +80,12 @@ def model_card(model, dcfg, weights: str, shift: float, source: str = "", step: 
     if moe is None:
         routing = "dense (no MoE layers)"
     else:
-        routing = (f"{moe.router} router, {moe.num_experts} experts, capacity factor {moe.capacity_factor} "
-                   f"(training groups: {moe.group}); sampling default {moe.inference_group!r}, also 'sample', "
-                   f"'dynamic', 'tokens', 'batch' (the pipeline's `routing=`)")
+        cap = (f"top-{moe.top_k}, capacity factor {moe.tc_capacity_factor}" if moe.router == "token_choice"
+               else f"capacity factor {moe.capacity_factor}")
+        routing = (f"{moe.router} router, {moe.num_experts} experts, {cap}, MoE FFN every {cfg.moe_every} blocks "
+                   f"(training groups: {moe.group}); the pipeline's `routing=`: 'sample' (default: capacity per "
+                   f"image), 'dynamic' (the exported thresholds), 'tokens' (groups of {moe.inference_group_size}), "
+                   f"'batch'")
     rows = [("architecture", f"EC-DiT (DiT with {'MoE' if moe else 'dense'} FFNs): depth {cfg.depth}, width "
                              f"{cfg.dim}, {cfg.heads} heads ({cfg.kv_heads} kv), patch {cfg.patch_size}, "
                              f"latents {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, "
