@@ -219,10 +219,12 @@ def _tar_is_complete(url: str) -> bool:
 
 
 class SampleTally:
-    """Good and bad (per reason) samples of one worker, with the first few warnings per reason logged."""
+    """Good and bad (per reason) samples of one worker, with the first few warnings per reason logged;
+    `dropped`: good ones of its partial last batch that data.drop_last drops (read, never in a batch)."""
 
-    def __init__(self, where: str, good: int = 0, bad: dict | None = None):
+    def __init__(self, where: str, good: int = 0, bad: dict | None = None, dropped: int = 0):
         self.where, self.good, self.bad, self.warned = where, good, Counter(bad or {}), Counter()
+        self.dropped = dropped
 
     def add_bad(self, reason: str, msg: str) -> None:
         self.bad[reason] += 1
@@ -289,7 +291,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader = ShardReader(state, open_shard, cfg.shuffle_buffer, cfg.shuffle_shards, cfg.resampled)
 
         def pos():
-            return dict(reader=reader.snapshot(), counts=dict(good=tally.good, bad=dict(tally.bad)), worker=worker)
+            counts = dict(good=tally.good, bad=dict(tally.bad), dropped=tally.dropped)
+            return dict(reader=reader.snapshot(), counts=counts, worker=worker)
 
         batch, read_in_epoch = [], 0
         for raw in reader.samples():
@@ -316,7 +319,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch = []
         if batch and not cfg.drop_last:
             yield dict(self.collate(batch), _pos=pos())
-        yield dict(_pos=pos(), _end=True)  # final counts (bad samples after the last batch)
+            batch = []
+        tally.dropped += len(batch)  # a partial last batch that data.drop_last drops
+        yield dict(_pos=pos(), _end=True)  # final counts (bad samples after the last batch, dropped ones)
 
 
 # ----------------------------------------------------------------------------------------- main-process loader
@@ -425,23 +430,32 @@ class ShardLoader:
                             work) for w in range(self.workers)]
         for w, state in enumerate(new):
             self.positions[w] = dict(reader=state.as_dict(), counts=dict(good=0, bad={}))
-        good, bad = 0, Counter()
+        good, bad, dropped = 0, Counter(), 0
         for s in states:  # saved rank q's counts go to rank q % world: the totals are kept
             if s["rank"] % self.world == self.rank:
                 total = saved_counts(s)
-                good, bad = good + total["good"], bad + Counter(total["bad"])
-        self.carried = dict(good=good, bad=dict(bad))
+                good, bad, dropped = good + total["good"], bad + Counter(total["bad"]), dropped + total["dropped"]
+        self.carried = dict(good=good, bad=dict(bad), dropped=dropped)
         return "elastic"
 
 
 def saved_counts(state: dict) -> dict:
-    """Good and bad (per reason) samples of a saved `ShardLoader.state_dict()`, those it carries included."""
-    bad = Counter(state.get("carried", {}).get("bad", {}))
-    good = state.get("carried", {}).get("good", 0)
+    """Good and bad (per reason) samples of a saved `ShardLoader.state_dict()`, those it carries included;
+    `dropped`: good ones of its readers' partial last batches (data.drop_last), read but never in a batch."""
+    carried = state.get("carried", {})
+    bad, good, dropped = Counter(carried.get("bad", {})), carried.get("good", 0), carried.get("dropped", 0)
     for p in state["workers"].values():
         good += p["counts"]["good"]
         bad.update(p["counts"]["bad"])
-    return dict(good=good, bad=dict(bad))
+        dropped += p["counts"].get("dropped", 0)
+    return dict(good=good, bad=dict(bad), dropped=dropped)
+
+
+def delivered_samples(state: dict) -> int:
+    """Good samples handed out in batches up to a saved `ShardLoader.state_dict()` (over every run it
+    resumed, per reader): read ones less those of dropped partial last batches."""
+    counts = saved_counts(state)
+    return counts["good"] - counts["dropped"]
 
 
 def make_image_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,

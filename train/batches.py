@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from data import TooManyBadSamples
-from data.shards import BAD_REASONS, saved_counts
+from data.shards import BAD_REASONS, delivered_samples
 
 from .failures import StopTraining
 
@@ -51,15 +51,18 @@ class StepBatches:
         self.loader.transform = None
         for _ in self.batches:
             pass
-        return self.loader.stats()["good"] - saved_counts(self.data_state)["good"]
+        return self.loader.stats()["good"] - self.trained()
+
+    def trained(self) -> int:
+        """Good samples of this rank's stream (over every run it resumed) in the batches `take` handed out."""
+        return delivered_samples(self.data_state)
 
 
 def exhausted(batches: StepBatches, world: int, device: torch.device) -> dict:
-    """At the end of a finite stream (collective): samples delivered by all ranks over every run of this
-    stream, those no step trained on (left by the ranks that still had data when the first ran dry, or in a
-    last partial batch)."""
-    counts = torch.tensor([saved_counts(batches.data_state)["good"], batches.unread()], dtype=torch.float64,
-                          device=device)
+    """At the end of a finite stream (collective): samples delivered by all ranks in the batches their steps
+    trained on, over every run of this stream, and those no step trained on (left by the ranks that still had
+    data when the first ran dry, fetched ahead, or in a last partial batch that data.drop_last drops)."""
+    counts = torch.tensor([batches.trained(), batches.unread()], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)
     delivered, unread = (int(v) for v in counts.tolist())

@@ -14,7 +14,7 @@ import webdataset as wds
 import data.shards as shards
 from data.config import DataConfig
 from data.shardlist import check_shard_list
-from data.shards import TooManyBadSamples, make_image_loader
+from data.shards import TooManyBadSamples, make_image_loader, saved_counts
 from data.stream import merge_states
 from data.synthetic import encode_sample
 from data.webshards import write_web_shards
@@ -193,3 +193,35 @@ def test_shard_list_checks_name_the_field(shapes_dir, tmp_path):
                                   (shapes_dir["pattern"], r"data.shards: 8 shards < 3 ranks x 3 workers")):
         with pytest.raises(ValueError, match=message):
             check_shard_list(DataConfig(shards=shards_value, num_workers=3), world_size=3)
+
+
+def test_epoch_end_counts_match_the_trained_keys_over_an_elastic_chain(tmp_path):
+    """3 ranks x 1 worker -> 2 x 2 -> 1 x 2 to the end of a finite epoch (drop_last, ranks in one process,
+    lockstep steps as the trainer runs them). The keys recorded where batches reach the loss (`StepBatches.take`,
+    the trainer's forward_backward input) are distinct; the closing counts (train/batches.py `exhausted`:
+    `StepBatches.trained` / `unread` summed over ranks) are exactly those trained and the rest of the epoch,
+    partial last batches of two readers included."""
+    from data.synthetic import write_shards
+    from train.batches import StepBatches
+
+    epoch = 8 * 25  # shards of 25 samples: the last run's two readers each end in a partial batch of 8
+    cfg = cfg_for(write_shards(str(tmp_path), epoch, 25, 16, seed=0, progress=False), shuffle_buffer=16,
+                  drop_last=True)
+    trained, states = [], None
+    for world, workers, steps in ((3, 1, 4), (2, 2, 5), (1, 2, None)):
+        loaders = [make_image_loader(cfg.replace(num_workers=workers), rank=r, world_size=world) for r in range(world)]
+        if states is not None:
+            assert {lo.restore(states) for lo in loaders} == {"elastic"}
+        ranks = [StepBatches(lo, 1) for lo in loaders]
+        step = 0
+        while not any(b.out_of_data for b in ranks) and step != steps:
+            for b in ranks:
+                trained += [k for batch in b.take() for k in batch["key"]]
+                b.fetch()
+            step += 1
+        states = json_round_trip([b.data_state for b in ranks])
+    delivered, unread = sum(b.trained() for b in ranks), sum(b.unread() for b in ranks)
+    last = [p["counts"]["dropped"] for p in ranks[0].loader.positions.values()]  # this run's two readers
+    assert len(trained) == len(set(trained))
+    assert (delivered, unread) == (len(trained), epoch - len(trained))
+    assert all(last) and unread == saved_counts(ranks[0].loader.state_dict())["dropped"]  # partial last batches (earlier runs' too)
