@@ -133,7 +133,7 @@ def _print_summary(s: dict, overrides: list[str]) -> None:
     print(f"  steps:        {s['step']}  (loss {s['first_loss']} -> {s['last_loss']})")
     if "data_exhausted" in s:
         e = s["data_exhausted"]
-        print(f"  data ended:   {e['samples_delivered']} samples delivered, {e['samples_unread']} not trained on "
+        print(f"  data ended:   {e['samples_delivered']} samples trained on, {e['samples_unread']} not "
               f"({e['ranks_dry']} rank(s) ran dry)")
     if "data" in s:
         bad = {k.rsplit("/", 1)[1]: v for k, v in s["data"].items() if k.startswith("data/bad/") and v}

@@ -242,7 +242,7 @@ class Trainer:
             end = exhausted(self.batches, self.world, self.device)
             log0(f"data exhausted after step {state.step}: {ranks_out_of_data} of {self.world} ranks had no data "
                  f"for another step (data.epochs={self.cfg.data.epochs}); {end['samples_delivered']} samples "
-                 f"delivered, {end['samples_unread']} not trained on (left by the ranks that still had data, or in "
+                 f"trained on, {end['samples_unread']} not (left by the ranks that still had data, or in "
                  f"a last partial batch); every rank stopped after the same step; final checkpoint saved")
             out["status"].update(reason="data exhausted", **end, ranks_dry=ranks_out_of_data)
             out["data_exhausted"] = out["status"]
