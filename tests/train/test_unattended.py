@@ -1,10 +1,14 @@
 """What a job survives without a person: the end of a finite stream at 1, 2 and 3 ranks (and 2 ranks resumed
 at 3) is a clean stop after the same step on every rank, with a final checkpoint and every sample
-delivered at most once; the step watchdog dumps the stacks and exits; the requeue decisions of
+delivered at most once; the step watchdog dumps the stacks and exits, as a unit and in a run whose step blocks; a rank
+blocked in an expert-parallel collective of a 4-rank run is given up on by the ranks of its expert-parallel and
+FSDP mesh groups within parallel.timeout_s, not init_timeout_s (tests/train/stalling_train.py blocks them); the requeue decisions of
 launch/requeue.py; an error a restart repeats is not retried by torchrun. Killed, stopped and crashing
 ranks under slurm are in tests/slurm/test_slurm.py."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +99,78 @@ def test_step_watchdog_dumps_every_stack_and_exits(tmp_path):
     assert "after step 7, in wait_for_the_peer (<string>:3)" in lines[0]
     dump = (tmp_path / "stalls" / "rank00003.txt").read_text()
     assert dump.startswith("rank 3 stalled") and 'File "<string>", line 3 in wait_for_the_peer' in dump
+
+
+def _stalling(ranks: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """tests/train/stalling_train.py under torchrun (or alone), in its own session: killed whole (torchrun and its
+    workers) if it outlives `timeout`, and the test fails."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "tests.train.stalling_train", *args]
+    with subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running after {timeout:.0f} s: nothing gave up\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_blocked_step_is_ended_by_the_step_watchdog(tmp_path, shards4):
+    """A real run whose step 3 blocks (outside any collective): after train.stall_timeout_s the watchdog the
+    trainer armed writes the stacks to run_dir/stalls/ and exits with code 4 and one line naming the step
+    and where the main thread was."""
+    run, timeout_s = tmp_path / "run", 3
+    start = time.time()
+    proc = _stalling(1, [*ARGS, shards4, "train.steps=6", f"train.stall_timeout_s={timeout_s}",
+                         f"train.run_dir={run}"], {"STALL_STEP": "3", "STALL_IN": "step"}, timeout=90)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "step       2/6" in proc.stdout and "step       3/6" not in proc.stdout, proc.stdout
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank 0 stalled: no optimizer step for ") and (
+        f"(train.stall_timeout_s={timeout_s}) after step 2, in blocked_forever (tests/train/stalling_train.py:"
+        in errors[0]) and errors[0].endswith(f"stacks in {run / 'stalls' / 'rank00000.txt'}; exiting"), errors
+    dump = (run / "stalls" / "rank00000.txt").read_text()
+    assert dump.startswith("rank 0 stalled") and "in blocked_forever" in dump and "in train_step" in dump
+    assert 'File "' in dump and "train/trainer.py" in dump  # every thread's Python stack
+    assert time.time() - start < 60
+
+
+@pytest.mark.distributed
+def test_a_rank_blocked_in_an_expert_parallel_collective_is_given_up_on_within_the_timeout(tmp_path, shards4):
+    """4 ranks, FSDP2 + expert parallelism 2: the groups {0, 1} / {2, 3} (ep) and {0, 2} / {1, 3} (experts'
+    FSDP, dp_shard_mod_ep) are process groups of their own, not the default one. Rank 1 blocks on entering
+    step 3's first expert all-to-all: rank 0 waits inside that all-to-all (ep group), ranks 2 and 3 inside
+    the FSDP all-gather of their experts (dp_shard_mod_ep group). Each gives up after parallel.timeout_s (the
+    training timeout the trainer sets on every group after the first step), with its one-line diagnosis and
+    its stacks, although parallel.init_timeout_s is 120 times longer."""
+    run, mark, timeout_s, margin_s = tmp_path / "run", tmp_path / "blocked-at", 5, 20
+    proc = _stalling(4, [*ARGS, shards4, "parallel=fsdp_ep", "parallel.ep=2", "train.steps=6",
+                         f"parallel.timeout_s={timeout_s}", "parallel.init_timeout_s=600", f"train.run_dir={run}"],
+                     {"STALL_STEP": "3", "STALL_RANK": "1", "STALL_IN": "ep", "STALL_MARK": str(mark)}, timeout=150)
+    assert proc.returncode != 0 and "step       2/6" in proc.stdout, proc.stderr[-3000:]
+    blocked = float(mark.read_text())
+    errors = {int(line.split()[2].rstrip(":")): line for line in _errors(proc.stderr)}
+    for rank in (0, 2, 3):
+        line = errors.get(rank)
+        assert line is not None and line.startswith(f"error: rank {rank}: a collective failed after step 2, in "), (
+            rank, proc.stderr[-3000:])
+        assert "parallel/expert_parallel.py" in line and f"Timed out waiting {timeout_s * 1000}ms" in line, line
+        assert line.endswith(f"(parallel.timeout_s={timeout_s}, init_timeout_s=600): another rank stopped "
+                             f"responding or died; stacks in {run / 'stalls' / f'rank{rank:05d}.txt'}"), line
+        dump = run / "stalls" / f"rank{rank:05d}.txt"
+        assert dump.read_text().startswith(line[len("error: "):line.index("; stacks in")])
+        assert dump.stat().st_mtime - blocked < timeout_s + margin_s, (rank, dump.stat().st_mtime - blocked)
+    assert 1 not in errors and not (run / "stalls" / "rank00001.txt").exists()  # the blocked rank was ended
+    # rank 0 waited for the expert all-to-all's result, ranks 2 and 3 in the all-gather of their experts' shards
+    assert "in wait_tensor" in (run / "stalls" / "rank00000.txt").read_text() and "all_gather" not in errors[0]
+    assert all("in all_gather_single" in errors[r] for r in (2, 3))
 
 
 def _status(run: Path, **status) -> None:
