@@ -1,10 +1,11 @@
 """What a job survives without a person: the end of a finite stream at 1, 2 and 3 ranks (and 2 ranks resumed
 at 3) is a clean stop after the same step on every rank, with a final checkpoint and every sample
-delivered at most once; the step watchdog dumps the stacks and exits, as a unit and in a run whose step blocks; a rank
-blocked in an expert-parallel collective of a 4-rank run is given up on by the ranks of its expert-parallel and
-FSDP mesh groups within parallel.timeout_s, not init_timeout_s (tests/train/stalling_train.py blocks them); the requeue decisions of
-launch/requeue.py; an error a restart repeats is not retried by torchrun. Killed, stopped and crashing
-ranks under slurm are in tests/slurm/test_slurm.py."""
+delivered at most once; the step watchdog dumps the stacks and exits, as a unit and in a run whose step
+blocks; a rank blocked in an expert-parallel collective of a 4-rank run is given up on, within
+parallel.timeout_s and not init_timeout_s, by the ranks of its expert-parallel and FSDP mesh groups
+(tests/train/stalling_train.py blocks them); the requeue decisions of launch/requeue.py; an error a restart
+repeats is not retried by torchrun. Killed, stopped and crashing ranks under slurm are in
+tests/slurm/test_slurm.py."""
 
 import json
 import os
@@ -101,17 +102,32 @@ def test_step_watchdog_dumps_every_stack_and_exits(tmp_path):
     assert dump.startswith("rank 3 stalled") and 'File "<string>", line 3 in wait_for_the_peer' in dump
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and its descendants (torchrun's workers run in sessions of their own)."""
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            _kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _stalling(ranks: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """tests/train/stalling_train.py under torchrun (or alone), in its own session: killed whole (torchrun and its
-    workers) if it outlives `timeout`, and the test fails."""
+    """tests/train/stalling_train.py under torchrun (or alone): killed whole (torchrun and its workers) if it
+    outlives `timeout`, and the test fails."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     cmd = [sys.executable, *launcher, "-m", "tests.train.stalling_train", *args]
     with subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
+                          text=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             out, err = proc.communicate()
             raise AssertionError(f"still running after {timeout:.0f} s: nothing gave up\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -126,9 +142,8 @@ def test_a_blocked_step_is_ended_by_the_step_watchdog(tmp_path, shards4):
     trainer armed writes the stacks to run_dir/stalls/ and exits with code 4 and one line naming the step
     and where the main thread was."""
     run, timeout_s = tmp_path / "run", 3
-    start = time.time()
     proc = _stalling(1, [*ARGS, shards4, "train.steps=6", f"train.stall_timeout_s={timeout_s}",
-                         f"train.run_dir={run}"], {"STALL_STEP": "3", "STALL_IN": "step"}, timeout=90)
+                         f"train.run_dir={run}"], {"STALL_STEP": "3", "STALL_IN": "step"}, timeout=60)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "step       2/6" in proc.stdout and "step       3/6" not in proc.stdout, proc.stdout
     errors = _errors(proc.stderr)
@@ -139,7 +154,6 @@ def test_a_blocked_step_is_ended_by_the_step_watchdog(tmp_path, shards4):
     dump = (run / "stalls" / "rank00000.txt").read_text()
     assert dump.startswith("rank 0 stalled") and "in blocked_forever" in dump and "in train_step" in dump
     assert 'File "' in dump and "train/trainer.py" in dump  # every thread's Python stack
-    assert time.time() - start < 60
 
 
 @pytest.mark.distributed
