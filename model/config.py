@@ -351,6 +351,31 @@ def dense_twin(cfg: DiTConfig, equal_compute: bool = False) -> DiTConfig:
     return dataclasses.replace(cfg, name=name, moe=None, moe_position_ffn_scale=scale).validate()
 
 
+# The fields the data decides, and the data/config.py DataShapes attribute that gives each.
+SHAPE_FIELDS = {"in_channels": "latent_channels", "input_size": "latent_size", "text_dim": "text_dim",
+                "text_len": "max_text_len"}
+
+
+def config_for_data(spec: DiTConfig, shapes, batch_size: int) -> DiTConfig:
+    """The network's config for the data: `spec` (a preset with its overrides; a shape field left None is
+    set from `shapes`, a data/config.py DataShapes, and one that is set must agree), validated, with its
+    routing groups checked against the tokens of one micro-batch of `batch_size` images."""
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTConfig)}
+    for name, attr in SHAPE_FIELDS.items():
+        given, wanted = values[name], getattr(shapes, attr)
+        if given is not None and given != wanted:
+            raise ConfigError(f"model.{name}={given} disagrees with the data, which gives {wanted}; leave it "
+                              f"unset (null): the data sets it")
+        values[name] = wanted
+    moe = values.pop("moe")
+    cfg = DiTConfig(**values, moe=None if moe is None else dataclasses.replace(moe)).validate()
+    routed = batch_size * cfg.kept_tokens  # tokens one rank routes per micro-batch
+    moe = cfg.moe
+    if moe is not None and moe.group == "tokens" and routed > moe.group_size and routed % moe.group_size:
+        raise ConfigError(f"model.moe.group_size={moe.group_size} must divide the {routed} tokens a rank routes "
+                          f"per micro-batch (data.batch_size={batch_size} x {cfg.kept_tokens} kept tokens per "
+                          f"image); change either, or set model.moe.group=sample")
+    return cfg
 
 
 def config_to_dict(cfg: DiTConfig) -> dict:
@@ -375,5 +400,6 @@ def config_from_dict(d: dict) -> DiTConfig:
     return DiTConfig(moe=moe, **d).validate()
 
 
-__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "INFERENCE_MODES", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B", "config_to_dict", "config_from_dict",
-           "T5_PARAMS", "VAE_PARAMS", "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES", "EXPERT_MATMULS"]
+__all__ = ["ConfigError", "MoEConfig", "DiTConfig", "PRESETS", "INFERENCE_MODES", "PAPER_TOTAL_B", "PAPER_ACTIVATED_B",
+           "SHAPE_FIELDS", "config_for_data", "config_to_dict", "config_from_dict", "T5_PARAMS", "VAE_PARAMS",
+           "get_preset", "dense_twin", "ROUTERS", "GROUP_MODES", "EXPERT_MATMULS"]

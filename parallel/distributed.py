@@ -1,5 +1,5 @@
 """Distributed arithmetic of a training step, equal on every rank: the global gradient norm (and clipping),
-the step's one all-reduce of losses and flags, and a reduction of one value over the ranks."""
+the step's one all-reduce of losses and flags, and reductions of values over the ranks."""
 
 from __future__ import annotations
 
@@ -73,4 +73,13 @@ def over_ranks(value: float, op, world: int, device: torch.device) -> int:
     return int(t.item())
 
 
-__all__ = ["StepTotals", "clip_grad_norm_", "over_ranks", "reduce_step"]
+def sum_over_ranks(values: torch.Tensor, world: int) -> list[float]:
+    """`values` (on the process group's device) summed over the ranks, in float64 so that counts stay
+    exact: one all-reduce."""
+    values = values.to(torch.float64)
+    if world > 1:
+        dist.all_reduce(values)
+    return values.tolist()
+
+
+__all__ = ["StepTotals", "clip_grad_norm_", "over_ranks", "reduce_step", "sum_over_ranks"]

@@ -94,6 +94,7 @@ def main() -> None:
     def _app(cfg) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
+        from data import TooManyBadSamples
         from train.config import AppConfig
         from train.failures import CollectiveFailure, StopTraining
         from train.lifecycle import run
@@ -104,7 +105,7 @@ def main() -> None:
             sys.exit(2)
         try:
             summary = run(app)
-        except (ConfigError, StopTraining) as e:
+        except (ConfigError, StopTraining, TooManyBadSamples) as e:
             _error(str(e))
             sys.exit(2)
         except CollectiveFailure as e:  # a restart (launch/local.sh MAX_RESTARTS, slurm requeue) can get past it

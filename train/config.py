@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from data.config import DataConfig, data_shapes
 from data.manifest import apply_manifest
 from model import extras
-from model.config import PRESETS, ConfigError, DiTConfig, get_preset
+from model.config import PRESETS, SHAPE_FIELDS, ConfigError, DiTConfig, config_for_data, get_preset
 from model.flow import FlowConfig
 from parallel.mesh import ParallelConfig
 
@@ -31,16 +31,12 @@ class ModelSpec(DiTConfig):
     by `register`) whose every field can be overridden (`model.depth=4`, `model.moe.num_experts=16`).
 
     The four shape fields are null: the data decides them (latent channels and size, text width and
-    length; `resolve_model`). Setting one asserts it: a value the data does not give is refused."""
+    length; model/config.py `config_for_data`). Setting one asserts it: a value the data does not give is refused."""
 
     in_channels: int | None = None
     input_size: int | None = None
     text_dim: int | None = None
     text_len: int | None = None
-
-
-SHAPE_FIELDS = {"in_channels": "latent_channels", "input_size": "latent_size", "text_dim": "text_dim",
-                "text_len": "max_text_len"}
 
 
 def model_spec(preset: str) -> ModelSpec:
@@ -140,42 +136,24 @@ def compose_app(overrides: list[str]) -> AppConfig:
     return OmegaConf.to_object(compose(overrides))
 
 
-def resolve_model(spec: ModelSpec, dcfg: DataConfig) -> DiTConfig:
-    """The network's config: the chosen preset with its overrides, shaped by the data."""
-    preset = PRESETS.get(spec.name)
-    if preset is not None and preset.moe is None and spec.moe is not None:
-        raise ConfigError(f"model.moe is set but model={spec.name} is a dense preset: an experiment config or override "
-                          "gave it MoE fields, which would make it an MoE model; choose an MoE preset, or set "
-                          "model.name to build an MoE from this preset on purpose")
-    shapes = data_shapes(dcfg)
-    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(DiTConfig)}
-    for name, attr in SHAPE_FIELDS.items():
-        given, wanted = values[name], getattr(shapes, attr)
-        if given is not None and given != wanted:
-            raise ConfigError(f"model.{name}={given} disagrees with the data, which gives {wanted}; leave it "
-                              f"unset (null): the data sets it")
-        values[name] = wanted
-    moe = values.pop("moe")
-    return DiTConfig(**values, moe=None if moe is None else dataclasses.replace(moe)).validate()
-
-
 def validate_app(cfg: AppConfig, world_size: int) -> tuple[DiTConfig, ParallelConfig]:
     """Check everything that can be checked before a process group exists, in one pass that raises
     `ConfigError` naming the field. Latent data: cfg.data takes the settings of the shards' manifest.json
     (data/manifest.py) in place."""
-    extras.check(cfg)  # an optional dependency the config needs (DeepSpeed, megatron-core) is installed
     bad = non_finite(cfg)
     if bad:
         raise ConfigError(f"{bad[0]}={bad[1]} must be a finite number")
+    for ok, msg in _app_checks(cfg):
+        if not ok:
+            raise ConfigError(msg)
     cfg.data.validate()
     if cfg.data.kind == "latent":
         cfg.data = apply_manifest(cfg.data)  # encoder settings from the shards' manifest.json
-    mcfg = resolve_model(cfg.model, cfg.data)
-    pcfg = cfg.parallel.resolved(world_size, mcfg.moe.num_experts if mcfg.moe else None)
+    shapes = data_shapes(cfg.data)
+    pcfg = cfg.parallel.resolved(world_size, cfg.model.moe.num_experts if cfg.model.moe else None)
+    extras.check(cfg)  # an optional dependency the config needs (DeepSpeed, megatron-core) is installed
     cfg.flow.validate()
-    for ok, msg in _app_checks(cfg, mcfg, pcfg):
-        if not ok:
-            raise ConfigError(msg)
+    mcfg = config_for_data(cfg.model, shapes, cfg.data.batch_size)
     return mcfg, pcfg
 
 
@@ -194,15 +172,15 @@ def non_finite(cfg, prefix: str = "") -> tuple[str, object] | None:
     return None
 
 
-def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[tuple[bool, str]]:
+def _app_checks(cfg: AppConfig) -> list[tuple[bool, str]]:
     """(holds, message) for the optimizer, trainer and cross-group rules."""
-    o, t, moe = cfg.optim, cfg.train, mcfg.moe
-    routed = cfg.data.batch_size * mcfg.kept_tokens  # tokens one rank routes per micro-batch
+    o, t, p = cfg.optim, cfg.train, cfg.parallel
+    preset = PRESETS.get(cfg.model.name)
     return [
-        (moe is None or moe.group != "tokens" or routed <= moe.group_size or routed % moe.group_size == 0,
-         f"model.moe.group_size={moe.group_size if moe else None} must divide the {routed} tokens a rank routes "
-         f"per micro-batch (data.batch_size={cfg.data.batch_size} x {mcfg.kept_tokens} kept tokens per image); "
-         f"change either, or set model.moe.group=sample"),
+        (preset is None or preset.moe is not None or cfg.model.moe is None,
+         f"model.moe is set but model={cfg.model.name} is a dense preset: an experiment config or override gave "
+         f"it MoE fields, which would make it an MoE model; choose an MoE preset, or set model.name to build an "
+         f"MoE from this preset on purpose"),
         (o.name in ("adamw", "rmsprop"), f"optim.name={o.name!r} must be 'adamw' or 'rmsprop'"),
         (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
@@ -230,14 +208,14 @@ def _app_checks(cfg: AppConfig, mcfg: DiTConfig, pcfg: ParallelConfig) -> list[t
          f"meta.json)"),
         (t.wandb_mode in ("offline", "online", "disabled"),
          f"train.wandb_mode={t.wandb_mode!r} must be offline, online or disabled"),
-        (pcfg.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
-        (not pcfg.activation_checkpointing or pcfg.engine == "fsdp",
+        (p.engine == "fsdp" or o.name == "adamw", "parallel.engine=deepspeed supports optim.name=adamw only"),
+        (not p.activation_checkpointing or p.engine == "fsdp",
          "parallel.activation_checkpointing=true needs parallel.engine=fsdp (the DeepSpeed engine does not wrap "
          "the blocks)"),
-        (not t.compile or pcfg.engine == "fsdp",
+        (not t.compile or p.engine == "fsdp",
          "train.compile=true needs parallel.engine=fsdp (DeepSpeed wraps and hooks the module itself)"),
-        (not t.compile or pcfg.ep == 1,
-         f"train.compile=true needs parallel.ep=1 (got {pcfg.ep}): the sharded experts are DTensors and their "
+        (not t.compile or p.ep == 1,
+         f"train.compile=true needs parallel.ep=1 (got {p.ep}): the sharded experts are DTensors and their "
          f"own FSDP unit, which break the compiled block's graph"),
     ]
 

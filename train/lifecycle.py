@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data import TooManyBadSamples
 from data.shardlist import check_shard_list
 from model.config import ConfigError, config_to_dict
 
@@ -43,7 +44,7 @@ def run(cfg: AppConfig) -> dict:
     run_dir = Path(cfg.train.run_dir)
     try:
         summary = _run(cfg, rank, run_dir)
-    except (ConfigError, StopTraining) as e:
+    except (ConfigError, StopTraining, TooManyBadSamples) as e:
         rundir.write_status(run_dir, "failed", error=str(e), retry=False)
         raise
     except CollectiveFailure as e:
@@ -56,10 +57,10 @@ def run(cfg: AppConfig) -> dict:
 
 def _run(cfg: AppConfig, rank: int, run_dir: Path) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(_threads(cfg.train.threads))
     mcfg, pcfg = validate_app(cfg, world)  # before any process group
     check_shard_list(cfg.data, world)
     _refuse_repeated_failure(run_dir)
-    torch.set_num_threads(_threads(cfg.train.threads))
     device = _device()
     distributed = world > 1
     if distributed and not dist.is_initialized():

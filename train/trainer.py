@@ -5,7 +5,7 @@ starts and ends the process around it.
 
 The parts it wires: the model as parallel/parallelize.py builds and wraps it, the engine
 (train/backends.py: optimizer, schedule, EMA, checkpoints through train/checkpoint.py), the data stream
-(train/batches.py), the step's distributed arithmetic (parallel/distributed.py), metrics and the watchdog.
+(data/steps.py), the step's distributed arithmetic (parallel/distributed.py), metrics and the watchdog.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch
 import torch.distributed as dist
 
 from data import make_loader
+from data.steps import StepBatches, data_counts, named_counts
 from data.encoders import online_encoders
 from model.dit import DiT
 from model.flops import train_step_flops
 from model.flow import flow_loss
-from parallel.distributed import over_ranks, reduce_step
+from parallel.distributed import over_ranks, reduce_step, sum_over_ranks
 from parallel.parallelize import build_parallel
 from parallel.replicas import diverged
 
 from .backends import make_backend
-from .batches import StepBatches, data_counts, data_totals, exhausted, named_counts
 from .checkpoint import capture_rng, decode_state, encode_state, restore_rng, saved_train_states
 from .config import AppConfig
 from .failures import StopTraining
@@ -73,6 +73,8 @@ class Trainer:
                                                    self.run_dir / CHECKPOINTS)
         self.loader = make_loader(cfg.data, rank=rank, world_size=world,
                                   transform=online_encoders(cfg.data, device, self.use_bf16))
+        if world > 1:  # the groups made since joining (mesh, megatron, DeepSpeed) start with their backend's default
+            set_collective_timeout(pcfg.init_timeout_s)
         torch.manual_seed(self.tc.seed * 1_000_003 + rank)
         # The loss's own RNG (noise, timesteps, MaskDiT masks, text dropout): a dedicated generator, so
         # nothing else that draws from the global RNG (e.g. a DataLoader iterator's base seed) shifts it.
@@ -217,7 +219,8 @@ class Trainer:
             if stop:
                 log0(f"signal received: checkpoint saved at step {state.step}; exiting (resume: same command)")
                 break
-            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps and not ranks_out_of_data:
+            sample_now = tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps
+            if sample_now and not ranks_out_of_data:
                 self.sample_outputs()
         self.watchdog.stop()
         self.backend.wait()
@@ -235,11 +238,16 @@ class Trainer:
         out = {"run_dir": str(self.run_dir), "checkpoints": str(self.run_dir / CHECKPOINTS), "step": state.step,
                "first_loss": self.first_loss, "last_loss": self.last_loss, "wandb_dir": self.metrics.wandb_dir,
                "stopped_by_signal": self.signals.received is not None,
-               "data": data_totals(self.loader, self.world, self.device)}
+               "data": named_counts(sum_over_ranks(data_counts(self.loader, self.device), self.world))}
         finished = self.signals.received is None and (state.step >= tc.steps or ranks_out_of_data > 0)
         out["status"] = {"state": "finished" if finished else "stopped", "step": state.step, "steps": tc.steps}
         if ranks_out_of_data:
-            end = exhausted(self.batches, self.world, self.device)
+            # Over all ranks and every run of this stream: samples in the batches the steps trained on, and
+            # those no step trained on (left by the ranks that still had data, fetched ahead, or in a last
+            # partial batch that data.drop_last drops).
+            counts = torch.tensor([self.batches.trained(), self.batches.unread()], device=self.device)
+            trained, unread = sum_over_ranks(counts, self.world)
+            end = {"samples_delivered": int(trained), "samples_unread": int(unread)}
             log0(f"data exhausted after step {state.step}: {ranks_out_of_data} of {self.world} ranks had no data "
                  f"for another step (data.epochs={self.cfg.data.epochs}); {end['samples_delivered']} samples "
                  f"trained on, {end['samples_unread']} not (left by the ranks that still had data, or in "

@@ -198,11 +198,11 @@ def test_shard_list_checks_name_the_field(shapes_dir, tmp_path):
 def test_epoch_end_counts_match_the_trained_keys_over_an_elastic_chain(tmp_path):
     """3 ranks x 1 worker -> 2 x 2 -> 1 x 2 to the end of a finite epoch (drop_last, ranks in one process,
     lockstep steps as the trainer runs them). The keys recorded where batches reach the loss (`StepBatches.take`,
-    the trainer's forward_backward input) are distinct; the closing counts (train/batches.py `exhausted`:
+    the trainer's forward_backward input) are distinct; the closing counts (train/trainer.py `summary`:
     `StepBatches.trained` / `unread` summed over ranks) are exactly those trained and the rest of the epoch,
     partial last batches of two readers included."""
     from data.synthetic import write_shards
-    from train.batches import StepBatches
+    from data.steps import StepBatches
 
     epoch = 8 * 25  # shards of 25 samples: the last run's two readers each end in a partial batch of 8
     cfg = cfg_for(write_shards(str(tmp_path), epoch, 25, 16, seed=0, progress=False), shuffle_buffer=16,

@@ -187,6 +187,22 @@ def test_a_rank_blocked_in_an_expert_parallel_collective_is_given_up_on_within_t
     assert all("in all_gather_single" in errors[r] for r in (2, 3))
 
 
+@pytest.mark.distributed
+def test_a_rank_blocked_in_the_first_step_is_given_up_on_within_the_start_up_timeout(tmp_path, shards4):
+    """4 ranks, expert parallelism 2 (as above), rank 1 blocked on entering step 1's first expert all-to-all:
+    ranks 0, 2 and 3 wait inside the collectives of the mesh's groups during start-up. Those groups are made
+    after joining, with the backend's default timeout (30 min for gloo): the ranks give up after
+    parallel.init_timeout_s only because the trainer sets it on every group once they exist."""
+    run, init_s = tmp_path / "run", 5
+    proc = _stalling(4, [*ARGS, shards4, "parallel=fsdp_ep", "parallel.ep=2", "train.steps=4",
+                         f"parallel.init_timeout_s={init_s}", "parallel.timeout_s=600", f"train.run_dir={run}"],
+                     {"STALL_STEP": "1", "STALL_RANK": "1", "STALL_IN": "ep"}, timeout=90)
+    errors = {int(line.split()[2].rstrip(":")): line for line in _errors(proc.stderr)}
+    assert proc.returncode != 0 and sorted(errors) == [0, 2, 3], proc.stderr[-3000:]
+    for line in errors.values():
+        assert " a collective failed after step 0, in " in line and f"Timed out waiting {init_s * 1000}ms" in line, line
+
+
 def _status(run: Path, **status) -> None:
     run.mkdir(parents=True, exist_ok=True)
     (run / "status.json").write_text(json.dumps(status))

@@ -35,3 +35,5 @@ def test_half_bad_stops_with_one_line(tmp_path):
     assert len(lines) == 1 and "samples were bad" in lines[0] and "data.max_bad_fraction=25.0%" in lines[0], \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["retry"] is False  # a requeue would meet the same data

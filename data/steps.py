@@ -1,15 +1,12 @@
-"""The data side of the loop: each step's micro-batches fetched one step ahead, so that the end of a finite
-stream is agreed in the step's all-reduce, and the counts of good and bad samples the metrics report."""
+"""The data side of a training step: each step's micro-batches fetched one step ahead, so that the end of a
+finite stream can be agreed in the step's all-reduce, and the counts of good and bad samples the metrics
+report."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from data import TooManyBadSamples
 from data.shards import BAD_REASONS, delivered_samples
-
-from .failures import StopTraining
 
 
 class StepBatches:
@@ -17,7 +14,7 @@ class StepBatches:
     ended says so in the step's all-reduce (parallel/distributed.py reduce_step), so every rank stops after
     the same step instead of one rank leaving a collective the others wait in. `data_state` is the loader's
     position after the batches handed out by `take` (what a checkpoint records), not after the ones fetched
-    ahead."""
+    ahead. Too many bad samples raise the loader's `TooManyBadSamples`."""
 
     def __init__(self, loader, accum: int):
         self.loader, self.accum = loader, accum
@@ -36,8 +33,6 @@ class StepBatches:
             except StopIteration:
                 self.out_of_data = True
                 return
-            except TooManyBadSamples as e:
-                raise StopTraining(str(e)) from e
 
     def take(self) -> list:
         """The fetched micro-batches of this step (the loader's position moves past them)."""
@@ -58,17 +53,6 @@ class StepBatches:
         return delivered_samples(self.data_state)
 
 
-def exhausted(batches: StepBatches, world: int, device: torch.device) -> dict:
-    """At the end of a finite stream (collective): samples delivered by all ranks in the batches their steps
-    trained on, over every run of this stream, and those no step trained on (left by the ranks that still had
-    data when the first ran dry, fetched ahead, or in a last partial batch that data.drop_last drops)."""
-    counts = torch.tensor([batches.trained(), batches.unread()], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
-    delivered, unread = (int(v) for v in counts.tolist())
-    return {"samples_delivered": delivered, "samples_unread": unread}
-
-
 def data_counts(loader, device: torch.device) -> torch.Tensor:
     """This rank's good and bad (by reason, BAD_REASONS order) samples read so far."""
     stats = loader.stats()
@@ -77,14 +61,9 @@ def data_counts(loader, device: torch.device) -> torch.Tensor:
 
 
 def named_counts(values: list[float]) -> dict:
-    """All ranks' `data_counts` as {"data/good": n, "data/bad/<reason>": n}."""
+    """`data_counts` (of one rank, or summed over ranks) as {"data/good": n, "data/bad/<reason>": n}."""
     values = [int(v) for v in values]
     return {"data/good": values[0], **{f"data/bad/{r}": v for r, v in zip(BAD_REASONS, values[1:])}}
 
 
-def data_totals(loader, world: int, device: torch.device) -> dict:
-    """Good and bad (by reason) samples read so far by all ranks (collective)."""
-    counts = data_counts(loader, device)
-    if world > 1:
-        dist.all_reduce(counts)
-    return named_counts(counts.tolist())
+__all__ = ["StepBatches", "data_counts", "named_counts"]
