@@ -26,7 +26,7 @@ def test_every_arm_trains_and_lands_in_the_record(tmp_path, monkeypatch):
     arms = record["arms"]
     assert set(arms) == set(pc.ARMS) and record["missing_runs"] == []
     for arm, e in arms.items():
-        assert e["model"] == pc.ARMS[arm][0], arm
+        assert e["model"] == f"pc-{arm}", arm
         run = e["seeds"]["0"]
         assert np.isfinite(run["val_loss"]) and [s for s, _ in run["loss_curve"]] == [1, 2], arm
         assert "steps_to_dense_final" in run and run["scorer"]["heldout"]["n"] == run["scorer"]["in"]["n"] == 2
