@@ -329,6 +329,7 @@ def plot_curves(record: dict, path: Path, window: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    top = 0.0
     for arm, e in record["arms"].items():
         curves = [np.array(s["loss_curve"]) for s in e["seeds"].values()]
         n = min(len(c) for c in curves)
@@ -336,11 +337,12 @@ def plot_curves(record: dict, path: Path, window: int) -> None:
         ys = np.stack([study.smooth(c[:n, 1], window) for c in curves])
         (line,) = ax.plot(steps, ys.mean(0), lw=1.3, label=f"{arm} ({e['label']})")
         ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+        top = max(top, float(ys.max(0)[len(steps) // 10]))  # the view starts after the first tenth
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (moving average of {window} logs)")
     ax.set_yscale("log")
     lo = min(min(s["final_train_loss"] for s in e["seeds"].values()) for e in record["arms"].values())
-    ax.set_ylim(lo * 0.9, lo * 2.5)
+    ax.set_ylim(lo * 0.9, max(top, lo) * 1.1)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, title="mean over seeds, band: min-max")
     fig.tight_layout()
