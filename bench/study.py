@@ -6,6 +6,7 @@ Fig. 4-6, plus DiffMoE).
     python bench/study.py --variants ec --seeds 1      # train (or resume) and evaluate one run; report all
     python bench/study.py --skip-train                 # evaluate the finished runs and report
     python bench/study.py --out runs/study-smoke --steps 20 --prompts 8   # smoke run
+    python bench/study.py --preset paper-claims [...]  # the paper's claims (bench/paper_claims.py; first argument)
 
 Phases: (1) the shapes data of the study mix (data.synthetic.MIXES["study"]: 16x16 images of one object
 or a count of one kind, objects of 5-7 px; held-out compositions excluded) under <out>/shapes-study,
@@ -722,6 +723,13 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--preset"] or argv[:1] == ["--preset=paper-claims"]:  # the paper's claims (issue 31)
+        preset = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        if preset != "paper-claims":
+            raise SystemExit(f"--preset {preset!r}: the one preset is paper-claims (bench/paper_claims.py)")
+        from bench import paper_claims
+        return paper_claims.main(argv[1 if "=" in argv[0] else 2:])
     args = parse_args(argv)
     if not extras.installed("study"):  # the report's plots; refused before hours of training
         print(f"error: {extras.message('study', 'bench/study.py')}", file=sys.stderr)

@@ -302,6 +302,19 @@ def _build_presets() -> dict[str, DiTConfig]:
     presets["study-tc"] = DiTConfig(name="study-tc", moe=MoEConfig(router="token_choice", **study_moe), **study)
     presets["study-diffmoe"] = DiTConfig(name="study-diffmoe", moe=MoEConfig(router="diffmoe", group="batch",
                                                                               **study_moe), **study)
+    # The paper-claims study (bench/paper_claims.py): a narrow backbone (6 blocks, d 64) on the 32 px
+    # paper-claims mix, where FFN capacity binds. pc-dense is the same backbone as the MoE arms (the paper's
+    # Fig. 8 baseline), pc-dense-wide doubles the FFN of every block (the capacity control), pc-dense-eq
+    # doubles it at the MoE positions only (equal activated compute). MoE every other block, f_c = top_k = 2.
+    pc = dict(small, depth=6, dim=64, heads=4, kv_heads=2)
+    pc_moe = dict(group_size=1024, inference_group_size=512)
+    presets["pc-dense"] = DiTConfig(name="pc-dense", **pc)
+    presets["pc-dense-wide"] = DiTConfig(name="pc-dense-wide", mlp_ratio=8.0, **pc)
+    presets["pc-dense-eq"] = DiTConfig(name="pc-dense-eq", moe_position_ffn_scale=2.0, **pc)
+    for e in (8, 16, 32):
+        presets[f"pc-ec-{e}e"] = DiTConfig(name=f"pc-ec-{e}e", moe=MoEConfig(num_experts=e, **pc_moe), **pc)
+    presets["pc-tc-8e"] = DiTConfig(name="pc-tc-8e", moe=MoEConfig(num_experts=8, router="token_choice", **pc_moe),
+                                    **pc)
     for cfg in presets.values():
         cfg.validate()
     return presets

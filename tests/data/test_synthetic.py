@@ -288,3 +288,17 @@ def test_mix_settings_are_recorded_checked_and_read_back(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(standard), "--num-samples", "3", "--count-layout", "cells", "--no-progress"])
     assert "holds shards written with count_layout=scatter (now cells)" in capsys.readouterr().err
+
+
+def test_paper_claims_mix_is_32px_all_categories_and_scores_full_on_truth():
+    """bench/paper_claims.py's set: every category, objects of 6-10 px (5 px ones score 0.82 on their own
+    prompts); the generator's images score full and shuffled captions chance."""
+    mix = synthetic.MIXES["paper-claims"]
+    samples = [generate_sample(i, 0, **mix) for i in range(300)]
+    images, prompts = [s[0] for s in samples], [s[2] for s in samples]
+    assert images[0].shape == (32, 32, 3) and {p["category"] for p in prompts} == set(synthetic.CATEGORIES)
+    assert {o["box"][2] - o["box"][0] + 1 for p in prompts for o in p["objects"]} == set(range(6, 11))
+    truth = scorer.score_batch(images, prompts)
+    assert truth["overall"] >= 0.97 and truth["partial_overall"] >= 0.98, truth
+    shuffled = scorer.score_batch(images, [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))])
+    assert shuffled["overall"] <= 0.08 and shuffled["partial_overall"] <= 0.3, shuffled
