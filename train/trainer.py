@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from data import make_loader
-from data.steps import StepBatches, data_counts, named_counts
 from data.encoders import online_encoders
+from data.steps import StepBatches, data_counts, named_counts
 from model.dit import DiT
 from model.flops import train_step_flops
 from model.flow import flow_loss
