@@ -728,8 +728,8 @@ def main(argv=None) -> int:
         preset = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
         if preset != "paper-claims":
             raise SystemExit(f"--preset {preset!r}: the one preset is paper-claims (bench/paper_claims.py)")
-        from bench import paper_claims
-        return paper_claims.main(argv[1 if "=" in argv[0] else 2:])
+        script = Path(__file__).with_name("paper_claims.py")  # run as its own program: it imports this module
+        os.execv(sys.executable, [sys.executable, str(script), *argv[1 if "=" in argv[0] else 2:]])
     args = parse_args(argv)
     if not extras.installed("study"):  # the report's plots; refused before hours of training
         print(f"error: {extras.message('study', 'bench/study.py')}", file=sys.stderr)
