@@ -99,18 +99,9 @@ def train_overrides(arm: str, seed: int, args, shards: str) -> list[str]:
 
 
 def planned_models(args, shards: str) -> dict:
-    """Per arm, (AppConfig, DiTConfig) as `python -m train` composes and validates them; SystemExit naming the
-    arm when one does not compose (before any training)."""
-    from train.config import compose_app, validate_app
-    planned = {}
-    for arm in args.arms:
-        try:
-            app = compose_app(train_overrides(arm, args.seeds[0], args, shards))
-            planned[arm] = (app, validate_app(app, 1)[0])
-        except Exception as e:  # Hydra's composition errors and ConfigError
-            raise SystemExit(f"arm {arm}: {' '.join(train_overrides(arm, args.seeds[0], args, shards))} "
-                             f"does not compose: {e}")
-    return planned
+    """Per arm, its composed configs (study.compose_runs), before any training."""
+    return study.compose_runs(args.arms, lambda arm: train_overrides(arm, args.seeds[0], args, shards),
+                              lambda arm, overrides: f"arm {arm}: {' '.join(overrides)}")
 
 
 def read_wall(rd: Path) -> dict:

@@ -105,20 +105,26 @@ def train_overrides(variant: str, seed: int, args, shards: str) -> list[str]:
             f'data.shards="{shards}"', f"train.wandb_mode={args.wandb_mode}", *args.overrides]
 
 
-def planned_models(args, shards: str) -> dict[str, tuple]:
-    """Per variant, (trainer AppConfig, network DiTConfig) as `python -m train` composes and validates them;
-    SystemExit naming the variant when its config does not compose."""
+def compose_runs(names, overrides_of, label_of) -> dict[str, tuple]:
+    """Per name, (trainer AppConfig, network DiTConfig) of the overrides `overrides_of(name)` as `python -m train`
+    composes and validates them; SystemExit starting with `label_of(name, overrides)` when one does not compose."""
     from train.config import compose_app, validate_app
 
     planned = {}
-    for v in args.variants:
+    for name in names:
+        overrides = overrides_of(name)
         try:
-            app = compose_app(train_overrides(v, args.seeds[0], args, shards))
-            planned[v] = (app, validate_app(app, 1)[0])
+            app = compose_app(overrides)
+            planned[name] = (app, validate_app(app, 1)[0])
         except Exception as e:  # Hydra's composition errors and ConfigError
-            raise SystemExit(f"study-{v}: python -m train {' '.join(train_overrides(v, args.seeds[0], args, shards))} "
-                             f"does not compose: {e}")
+            raise SystemExit(f"{label_of(name, overrides)} does not compose: {e}")
     return planned
+
+
+def planned_models(args, shards: str) -> dict[str, tuple]:
+    """Per variant, its composed configs (compose_runs), before any training."""
+    return compose_runs(args.variants, lambda v: train_overrides(v, args.seeds[0], args, shards),
+                        lambda v, overrides: f"study-{v}: python -m train {' '.join(overrides)}")
 
 
 def check_batches(models: dict[str, DiTConfig], args) -> None:
@@ -724,12 +730,13 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--preset"] or argv[:1] == ["--preset=paper-claims"]:  # the paper's claims (issue 31)
+    if argv[:1] == ["--preset"] or argv[:1] == ["--preset=paper-claims"]:  # the paper's claims
         preset = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
         if preset != "paper-claims":
             raise SystemExit(f"--preset {preset!r}: the one preset is paper-claims (bench/paper_claims.py)")
-        script = Path(__file__).with_name("paper_claims.py")  # run as its own program: it imports this module
-        os.execv(sys.executable, [sys.executable, str(script), *argv[1 if "=" in argv[0] else 2:]])
+        # Its own process (it imports this module), a child rather than exec: main() returns to its caller.
+        script = Path(__file__).with_name("paper_claims.py")
+        return subprocess.run([sys.executable, str(script), *argv[1 if "=" in argv[0] else 2:]]).returncode
     args = parse_args(argv)
     if not extras.installed("study"):  # the report's plots; refused before hours of training
         print(f"error: {extras.message('study', 'bench/study.py')}", file=sys.stderr)
