@@ -49,3 +49,22 @@ def test_plan_counts_the_ema_copy_like_the_parameters():
     with_ema, without = (plan(get_preset("ec-xl-8e"), 8, [8], 32, False, 120, ema=ema)[0] for ema in (True, False))
     assert without["ema_gib"] == 0 and with_ema["ema_gib"] == with_ema["params_gib"] > 0  # fp32, sharded
     assert with_ema["total_gib"] - without["total_gib"] == pytest.approx(with_ema["params_gib"])
+
+
+def test_comm_bytes_split_by_link_and_backend():
+    """Ranks of one expert-parallel group are consecutive: ep 8 stays in an 8-GPU node, ep 16 sends half of its
+    slots to the other node; FSDP over 16 ranks crosses nodes; gloo's reduce-scatter is an allreduce."""
+    from launch.plan import alltoall_bytes, comm_bytes, param_groups
+    from model.config import get_preset
+    cfg = get_preset("ec-xl-8e")
+    in_node = comm_bytes(cfg, 8, 8, 32, 8)
+    assert in_node["alltoall_inter"] == 0 and in_node["fsdp_inter"] == 0 and in_node["alltoall_intra"] > 0
+    assert in_node["alltoall_intra"] == pytest.approx(alltoall_bytes(cfg, 32, cfg.kept_tokens, 8))
+    two = comm_bytes(cfg, 16, 16, 32, 8)
+    assert two["alltoall_inter"] == pytest.approx(8 / 7 * two["alltoall_intra"])  # 8 of 15 peers off the node
+    assert two["fsdp_intra"] == 0 and two["fsdp_inter"] > 0
+    n = param_groups(cfg)
+    one_node = comm_bytes(cfg, 8, 1, 32, 8, param_dtype="fp32")  # no EP: experts are sharded with their block
+    assert one_node["fsdp_intra"] == pytest.approx(7 / 8 * (n["root"] * (4 + 4) + (n["blocks"] + n["experts"]) * (8 + 4)))
+    gloo = comm_bytes(cfg, 8, 1, 32, 8, param_dtype="fp32", backend="gloo")
+    assert gloo["fsdp_intra"] - one_node["fsdp_intra"] == pytest.approx(7 / 8 * sum(n.values()) * 4)
