@@ -134,6 +134,30 @@ def test_a_throttled_link_trains_slower_as_the_plan_predicts(throttled):
     assert 0.7 <= step_s / row["step_s"] <= 1.3
 
 
+def test_the_deepspeed_launcher_across_hosts_without_ssh_trains_like_one_host(cluster, data, tmp_path):
+    """launch/deepspeed.sh with NODE_RANK / MASTER_ADDR on each host (DeepSpeed's --no_ssh): ZeRO-2 with
+    expert parallelism across the hosts; the losses of `deepspeed --num_gpus 2` on one host."""
+    args = [*ARGS, data, "parallel=deepspeed_zero2", "parallel.ep=2", "train.steps=3"]
+    one = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                          str(next(PORTS)), "train/__main__.py", *args, f"train.run_dir={tmp_path / 'one'}"],
+                         cwd=ROOT, env=node_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    before, port, procs = cluster.link_bytes(1), str(next(PORTS)), {}
+    for i in (0, 1):
+        with open(tmp_path / f"node{i}.log", "w") as log:
+            procs[i] = cluster.popen(i, ["bash", "launch/deepspeed.sh", *args, f"train.run_dir={tmp_path / 'two'}"],
+                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     env=node_env(NNODES="2", NODE_RANK=str(i), MASTER_ADDR=cluster.address(0),
+                                                  NUM_GPUS="1", MASTER_PORT=port))
+    assert wait_all(procs, 300) == {0: 0, 1: 0}, _tail(tmp_path / "node0.log") + _tail(tmp_path / "node1.log")
+    assert cluster.link_bytes(1) - before > 1e6  # the collectives crossed host 1's link
+    assert f"on {cluster.address(1)} (eth0), store {cluster.address(0)}:" in (tmp_path / "node1.log").read_text()
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (a, b)
+
+
 LOST_HOST = [*ARGS, "parallel=fsdp", "train.ckpt_every=3", "parallel.timeout_s=10", "parallel.init_timeout_s=60"]
 # A lost node leaves the rendezvous after keep_alive_interval x keep_alive_max_attempt seconds without a
 # heartbeat; a round with fewer than the most nodes waits last_call_timeout for more (long enough for both
