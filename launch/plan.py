@@ -212,6 +212,11 @@ def run_config(overrides: list[str], world: int):
     return mcfg, pcfg, app.data.batch_size, app.train.ema_decay > 0
 
 
+def _table(title: str, header: str, lines: list[str], footnote: str) -> None:
+    print(title + "\n" + header + "\n" + "-" * len(header))
+    print("\n".join(lines) + "\n" + footnote)
+
+
 def main(argv=None) -> list[dict]:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -264,30 +269,25 @@ def main(argv=None) -> list[dict]:
                     args.backend, hardware)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    print(f"{name}: {world} ranks ({args.nodes} x {args.gpus_per_node}), {images} images x "
-          f"{cfg.kept_tokens} tokens per rank, activation checkpointing {'on' if args.act_ckpt else 'off'}")
-    hdr = (f"{'EP':>4} {'params/rank':>12} {'params':>7} {'grads':>7} {'optim':>7} {'ema':>7} {'working':>8} "
-           f"{'activ.':>7} {'total':>7} {'fits':>5} {'a2a/step':>9}")
-    print(hdr + "\n" + "-" * len(hdr))
-    for r in rows:
-        fits = "yes" if r["total_gib"] <= args.gpu_gib else "NO"
-        print(f"{r['ep']:>4} {r['params_per_rank'] / 1e9:>11.3f}B {r['params_gib']:>6.1f}G {r['grads_gib']:>6.1f}G "
-              f"{r['optim_gib']:>6.1f}G {r['ema_gib']:>6.1f}G {r['working_gib']:>7.1f}G {r['activations_gib']:>6.1f}G "
-              f"{r['total_gib']:>6.1f}G {fits:>5} {r['alltoall_gib_per_step']:>8.2f}G")
-    print(f"(GiB per rank; params/grads/optimizer/EMA in fp32, sharded; working = two all-gathered blocks in "
-          f"{param_dtype}; activations and all-to-all are estimates, see --help)")
-    print(f"\nstep time at {hardware.peak_tflops:g} TFLOP/s x {hardware.efficiency:g}, {hardware.intra_gbps:g} Gbit/s "
-          f"in a node, {hardware.inter_gbps:g} Gbit/s between nodes ({args.backend}):")
-    hdr = (f"{'EP':>4} {'FSDP in':>9} {'FSDP out':>9} {'a2a in':>9} {'a2a out':>9} {'compute':>9} "
-           f"{'comm in':>9} {'comm out':>9} {'step':>9}")
-    print(hdr + "\n" + "-" * len(hdr))
-    for r in rows:
-        c = r["comm_bytes_per_step"]
-        print(f"{r['ep']:>4} " + " ".join(f"{c[k] / 1e6:>7.1f}MB" for k in ("fsdp_intra", "fsdp_inter",
-                                                                          "alltoall_intra", "alltoall_inter"))
-              + " " + " ".join(f"{r[k]:>8.3f}s" for k in ("compute_s", "intra_s", "inter_s", "step_s")))
-    print("(bytes per rank and step in each direction, in the node / between nodes; step = compute + communication, "
-          "not overlapped)")
+    _table(f"{name}: {world} ranks ({args.nodes} x {args.gpus_per_node}), {images} images x {cfg.kept_tokens} "
+           f"tokens per rank, activation checkpointing {'on' if args.act_ckpt else 'off'}",
+           f"{'EP':>4} {'params/rank':>12} {'params':>7} {'grads':>7} {'optim':>7} {'ema':>7} {'working':>8} "
+           f"{'activ.':>7} {'total':>7} {'fits':>5} {'a2a/step':>9}",
+           [f"{r['ep']:>4} {r['params_per_rank'] / 1e9:>11.3f}B {r['params_gib']:>6.1f}G {r['grads_gib']:>6.1f}G "
+            f"{r['optim_gib']:>6.1f}G {r['ema_gib']:>6.1f}G {r['working_gib']:>7.1f}G {r['activations_gib']:>6.1f}G "
+            f"{r['total_gib']:>6.1f}G {'yes' if r['total_gib'] <= args.gpu_gib else 'NO':>5} "
+            f"{r['alltoall_gib_per_step']:>8.2f}G" for r in rows],
+           f"(GiB per rank; params/grads/optimizer/EMA in fp32, sharded; working = two all-gathered blocks in "
+           f"{param_dtype}; activations and all-to-all are estimates, see --help)")
+    _table(f"\nstep time at {hardware.peak_tflops:g} TFLOP/s x {hardware.efficiency:g}, {hardware.intra_gbps:g} "
+           f"Gbit/s in a node, {hardware.inter_gbps:g} Gbit/s between nodes ({args.backend}):",
+           f"{'EP':>4} {'FSDP in':>9} {'FSDP out':>9} {'a2a in':>9} {'a2a out':>9} {'compute':>9} "
+           f"{'comm in':>9} {'comm out':>9} {'step':>9}",
+           [f"{r['ep']:>4} " + " ".join(f"{r['comm_bytes_per_step'][k] / 1e6:>7.1f}MB" for k in
+                                        ("fsdp_intra", "fsdp_inter", "alltoall_intra", "alltoall_inter"))
+            + " " + " ".join(f"{r[k]:>8.3g}s" for k in ("compute_s", "intra_s", "inter_s", "step_s")) for r in rows],
+           "(bytes per rank and step in each direction, in the node / between nodes; step = compute + "
+           "communication, not overlapped)")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
     return rows
