@@ -71,7 +71,10 @@ def throttled(cluster, data, tmp_path_factory) -> dict:
                                 "-m", "train", *args, f"train.run_dir={root / 'one'}"], cwd=ROOT, env=node_env(),
                                stdout=log, stderr=subprocess.STDOUT)
     probe_one = StepProbe(None, root / "one")
-    probe_one.wait(lambda: one.poll() is not None, 300)
+    try:
+        probe_one.wait(lambda: one.poll() is not None, 300)
+    finally:
+        one.kill()  # a no-op after its end
     assert one.returncode == 0, _tail(root / "one.log")
     cluster.throttle(1, f"{RATE_MBIT:g}mbit")
     try:
