@@ -208,13 +208,12 @@ def test_a_lost_host_costs_a_timeout_and_a_restart_and_the_epoch_stays_exactly_o
         try:
             if lose:
                 events.append(_lose_host(cluster, procs, StepProbe(cluster, run), log0, lose[1], lose[0]))
-            code0 = wait_all({0: procs[0]}, 300)[0]
+            codes = wait_all(procs if not lose else {0: procs[0]}, 300)  # a lost host's launcher never ends
         finally:
             cluster.signal(1, signal.SIGKILL)  # a lost host's processes (a no-op after a clean end)
             cluster.restore(1)
-        assert code0 == 0, _tail(log0)
-        if not lose:
-            assert wait_all(procs, 60)[1] == 0, _tail(logs / "node1.log")
+        assert codes[0] == 0, _tail(log0)
+        assert lose or codes[1] == 0, _tail(logs / "node1.log")
     text = log0.read_text()
     for e in events:
         assert e["diagnosed_s"] <= 10 + MARGIN_S and e["resumed_s"] <= 10 + MARGIN_S, events
